@@ -4,8 +4,9 @@ Importing this package has no side effects: it sets no environment variables, ad
 handlers and never touches CUDA. Triton kernels are imported only when a Triton backend is used.
 """
 
+from .conversion import convert, from_pretrained, get_plan, is_converted, revert
 from .plan import CQILPlan
 
 __version__ = "0.1.0"
 
-__all__ = ["CQILPlan", "__version__"]
+__all__ = ["CQILPlan", "convert", "revert", "get_plan", "is_converted", "from_pretrained", "__version__"]
