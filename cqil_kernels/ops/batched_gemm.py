@@ -1,0 +1,124 @@
+"""Batched GEMM over the P layers of a group: each layer's input times its own weight.
+
+Step 5 of the group decomposition (o_proj): ``out[j] = x[j] @ W[j].T (+ b[j])``. One launch for
+all P layers; for decode (M <= 16) the K reduction is split so the few output tiles still spread
+over all SMs (the weights dominate the bytes, so the whole GPU has to stream them).
+"""
+
+import torch
+
+from ._common import (
+    cdiv, check_out, dot_flags, finish_out, gemm_blocks, kernel_out, pick_split_k, splitk_reduce,
+    tl, triton, use_triton, workspace,
+)
+
+
+def batched_gemm_reference(x, weight, bias=None):
+    """Torch reference and CPU fallback: one bmm (cuBLAS batched GEMM on the GPU)."""
+    out = torch.bmm(x, weight.transpose(1, 2))
+    if bias is not None:
+        out = out + bias[:, None, :]
+    return out
+
+
+@triton.jit
+def _batched_gemm_kernel(
+    x_ptr, w_ptr, b_ptr, out_ptr, ws_ptr,
+    M, N, K, SPLITS, K_PER_SPLIT, WS_STRIDE,
+    stride_xp, stride_xm, stride_xk, stride_wp, stride_wn, stride_wk, stride_bp, stride_bn,
+    stride_op, stride_om, stride_on,
+    HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_pk = tl.program_id(2)
+    p = pid_pk // SPLITS
+    pid_k = pid_pk % SPLITS
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    m_mask = rm < M
+    n_mask = rn < N
+    rk0 = tl.arange(0, BK)
+    p64 = p.to(tl.int64)
+    x_rows = x_ptr + p64 * stride_xp + rm.to(tl.int64)[:, None] * stride_xm
+    w_cols = w_ptr + p64 * stride_wp + rn.to(tl.int64)[None, :] * stride_wn
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    k_lo = pid_k * K_PER_SPLIT
+    for kk in range(0, K_PER_SPLIT, BK):
+        rk = k_lo + kk + rk0
+        k_mask = rk < K
+        xt = tl.load(x_rows + rk[None, :] * stride_xk, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        wt = tl.load(w_cols + rk[:, None] * stride_wk, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        if UPCAST:
+            acc = tl.dot(xt.to(tl.float32), wt.to(tl.float32), acc, input_precision=DOT_PREC)
+        else:
+            acc = tl.dot(xt.to(wt.dtype), wt, acc, input_precision=DOT_PREC)
+    mask = m_mask[:, None] & n_mask[None, :]
+    if SPLIT:
+        # workspace [SPLITS, P*M, N]: row p*M + m
+        rows = (p64 * M + rm)[:, None]
+        tl.store(ws_ptr + pid_k.to(tl.int64) * WS_STRIDE + rows * N + rn[None, :], acc, mask=mask)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + p * stride_bp + rn * stride_bn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + p64 * stride_op + rm.to(tl.int64)[:, None] * stride_om + rn[None, :] * stride_on,
+                 acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def batched_gemm_triton(x, weight, bias=None, *, out=None, split_k=None):
+    """Launch the Triton kernel; ``out`` ([P, M, N], x.dtype, contiguous) is written in full."""
+    P, M, K = x.shape
+    N = weight.shape[1]
+    if weight.shape[0] != P or weight.shape[2] != K:
+        raise ValueError(f"weight {tuple(weight.shape)} does not match x {tuple(x.shape)}")
+    out = check_out(out, (P, M, N), x)
+    kout = kernel_out(out)
+    cfg = gemm_blocks(M, x)
+    BM, BN, BK = cfg["BM"], cfg["BN"], cfg["BK"]
+    mb, nb = cdiv(M, BM), cdiv(N, BN)
+    splits, per_split = pick_split_k(mb * nb * P, cdiv(K, BK), x, split_k)
+    upcast, prec = dot_flags(weight.dtype, x)
+    ws = workspace((splits, P * M, N), x) if splits > 1 else kout
+    b = bias if bias is not None else weight
+    _batched_gemm_kernel[(mb, nb, P * splits)](
+        x, weight, b, kout, ws,
+        M, N, K, splits, per_split * BK, P * M * N,
+        *x.stride(), *weight.stride(), *(bias.stride() if bias is not None else (0, 0)), *kout.stride(),
+        HAS_BIAS=bias is not None, SPLIT=splits > 1, UPCAST=upcast, DOT_PREC=prec,
+        BM=BM, BN=BN, BK=BK, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    if splits > 1:
+        if not kout.is_contiguous():
+            raise ValueError("out must be contiguous")
+        splitk_reduce(ws, kout.view(P * M, N), splits=splits, bias2d=bias, rows_per_bias=max(M, 1))
+    return finish_out(out, kout)
+
+
+@torch.library.custom_op("cqil::batched_gemm", mutates_args=())
+def _batched_gemm_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    if use_triton(x):
+        return batched_gemm_triton(x, weight, bias)
+    return batched_gemm_reference(x, weight, bias)
+
+
+@_batched_gemm_op.register_fake
+def _(x, weight, bias):
+    return x.new_empty((x.shape[0], x.shape[1], weight.shape[1]))
+
+
+def batched_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-layer linear over a group: ``out[j] = x[j] @ weight[j].T + bias[j]``.
+
+    Args:
+        x: [P, M, K], layer j's input in x[j].
+        weight: [P, N, K] (stacked nn.Linear weights, [out, in] layout).
+        bias: [P, N] or None.
+
+    Returns:
+        [P, M, N] in x.dtype.
+
+    Example:
+        >>> a = batched_gemm(attn_out.view(P, M, nh * D), w_o)  # o_proj of all P layers
+    """
+    return _batched_gemm_op(x, weight, bias)

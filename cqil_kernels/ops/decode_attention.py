@@ -1,0 +1,270 @@
+"""Decode attention of a whole CQIL group as one attention over P*nh query heads.
+
+Step 4 of the group decomposition. One new token per sequence attends to each layer's own KV cache
+(HF layout [B, nkv, S, D], GQA inside each layer). Split-KV (flash-decoding): the grid is
+(batch x layer x kv head, KV split); each program runs an online softmax over its slice of the
+cache for all query heads that share the kv head, and writes a normalised partial output plus its
+log-sum-exp; a second small kernel combines the splits. With a single split the first kernel
+writes the output directly.
+
+The P caches are P separate tensors. When they are equally strided views of one storage at a
+constant pointer offset (e.g. slices of one [P, B, nkv, S, D] buffer), the kernel addresses them
+through the first cache's pointer plus a layer stride: no copy. Otherwise they are stacked first,
+which copies ``P * B * nkv * kv_len * D`` elements of K and of V per call (the whole live cache:
+allocate the caches as views of one buffer to avoid it).
+
+For CUDA graphs pass a static ``kv_len`` (e.g. S) and let ``kv_mask`` carry which slots are live:
+the split count and chunk size are derived from ``kv_len`` on the host.
+"""
+
+import torch
+
+from ._common import (
+    cdiv, check_out, compute_dtype, finish_out, interpreted, kernel_out, next_pow2, sm_count, tl,
+    triton, use_triton, workspace,
+)
+
+_LOG2E = 1.4426950408889634
+
+
+def decode_attention_reference(q, k_caches, v_caches, kv_mask, kv_len, scale):
+    """Torch reference and CPU fallback (HF eager attention numerics, per layer).
+
+    Masked slots get zero weight and their V is zeroed (so stale or uninitialised cache contents
+    cannot leak in as NaN); a row with no valid slot returns zeros.
+    """
+    B, HQ, D = q.shape
+    P = len(k_caches)
+    NH = HQ // P
+    cd = compute_dtype(q.dtype)
+    outs = []
+    for j in range(P):
+        k = k_caches[j][:, :, :kv_len]
+        v = v_caches[j][:, :, :kv_len]
+        G = NH // k.shape[1]
+        k = k.repeat_interleave(G, dim=1)
+        v = v.repeat_interleave(G, dim=1)
+        qj = q[:, j * NH:(j + 1) * NH, None, :]  # [B, NH, 1, D]
+        s = torch.matmul(qj, k.transpose(-1, -2)) * scale  # [B, NH, 1, L]
+        if kv_mask is not None:
+            keep = kv_mask[:, :kv_len].to(torch.bool)
+            s = s.masked_fill(~keep[:, None, None, :], float("-inf"))
+            v = v.masked_fill(~keep[:, None, :, None], 0)
+        p = torch.softmax(s, dim=-1, dtype=cd).nan_to_num(nan=0.0)
+        outs.append(torch.matmul(p.to(q.dtype), v).squeeze(2))
+    return torch.cat(outs, dim=1)
+
+
+@triton.jit
+def _decode_attn_kernel(
+    q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, opart_ptr, lse_ptr,
+    kv_len, qk_scale, NKV, NH, GROUP, P, D, CHUNK, NSPLIT,
+    stride_qb, stride_qh, stride_qd,
+    stride_kl, stride_kb, stride_kh, stride_ks, stride_kd,
+    stride_vl, stride_vb, stride_vh, stride_vs, stride_vd,
+    stride_mb, stride_ms,
+    stride_ob, stride_oh, stride_od,
+    HAS_MASK: tl.constexpr, DIRECT: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    g = pid % NKV
+    bj = pid // NKV
+    j = bj % P
+    b = bj // P
+    # all query heads of layer j that read kv head g (GQA), padded to BLOCK_G rows for tl.dot
+    rg = tl.arange(0, BLOCK_G)
+    g_mask = rg < GROUP
+    heads = j * NH + g * GROUP + rg
+    rd = tl.arange(0, BLOCK_D)
+    d_mask = rd < D
+    q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + rd[None, :] * stride_qd,
+                mask=g_mask[:, None] & d_mask[None, :], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    k_base = k_ptr + j.to(tl.int64) * stride_kl + b.to(tl.int64) * stride_kb + g.to(tl.int64) * stride_kh
+    v_base = v_ptr + j.to(tl.int64) * stride_vl + b.to(tl.int64) * stride_vb + g.to(tl.int64) * stride_vh
+    m_i = tl.full((BLOCK_G,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_G,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_G, BLOCK_D), dtype=tl.float32)
+    lo = pid_s * CHUNK
+    for t in range(0, CHUNK, BLOCK_N):
+        offs = lo + t + tl.arange(0, BLOCK_N)
+        in_range = offs < kv_len
+        valid = in_range
+        if HAS_MASK:
+            keep = tl.load(mask_ptr + b.to(tl.int64) * stride_mb + offs * stride_ms, mask=in_range, other=0)
+            valid = valid & (keep != 0)
+        kt = tl.load(k_base + offs.to(tl.int64)[:, None] * stride_ks + rd[None, :] * stride_kd,
+                     mask=in_range[:, None] & d_mask[None, :], other=0.0)
+        # V of masked slots is not loaded (zeros): stale cache contents may be NaN/inf and
+        # 0 * NaN would poison the accumulator.
+        vt = tl.load(v_base + offs.to(tl.int64)[:, None] * stride_vs + rd[None, :] * stride_vd,
+                     mask=valid[:, None] & d_mask[None, :], other=0.0)
+        if UPCAST:
+            kt = kt.to(tl.float32)
+            vt = vt.to(tl.float32)
+        # scores in log2 units (qk_scale = scale * log2(e)) so exp2 can be used
+        s = tl.dot(q, tl.trans(kt), input_precision=DOT_PREC) * qk_scale
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        # while a row has seen no valid slot its max is -inf; subtracting 0 instead keeps
+        # exp2(-inf - -inf) = NaN out of alpha and p
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(s - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if UPCAST:
+            acc = acc * alpha[:, None] + tl.dot(p, vt, input_precision=DOT_PREC)
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=DOT_PREC)
+        m_i = m_new
+    has = l_i > 0.0
+    o = acc / tl.where(has, l_i, 1.0)[:, None]
+    row_mask = g_mask[:, None] & d_mask[None, :]
+    if DIRECT:
+        tl.store(out_ptr + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + rd[None, :] * stride_od,
+                 o.to(out_ptr.dtype.element_ty), mask=row_mask)
+    else:
+        # partials: opart [B*HQ, NSPLIT, D] fp32, lse [B*HQ, NSPLIT] (log2 units, -inf if empty)
+        rows = (b * (P * NH) + heads).to(tl.int64) * NSPLIT + pid_s
+        tl.store(opart_ptr + rows[:, None] * D + rd[None, :], o, mask=row_mask)
+        lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+        tl.store(lse_ptr + rows, lse, mask=g_mask)
+
+
+@triton.jit
+def _decode_combine_kernel(
+    opart_ptr, lse_ptr, out_ptr, HQ, D, NSPLIT,
+    stride_ob, stride_oh, stride_od,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)  # b * HQ + head
+    b = row // HQ
+    h = row % HQ
+    rs = tl.arange(0, BLOCK_S)
+    rd = tl.arange(0, BLOCK_D)
+    s_mask = rs < NSPLIT
+    d_mask = rd < D
+    lse = tl.load(lse_ptr + row * NSPLIT + rs, mask=s_mask, other=float("-inf"))
+    m = tl.max(lse, axis=0)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp2(lse - m)  # 0 for empty splits
+    o = tl.load(opart_ptr + (row * NSPLIT + rs)[:, None] * D + rd[None, :],
+                mask=s_mask[:, None] & d_mask[None, :], other=0.0)
+    den = tl.sum(w, axis=0)
+    res = tl.sum(o * w[:, None], axis=0) / tl.where(den > 0.0, den, 1.0)
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + rd * stride_od,
+             res.to(out_ptr.dtype.element_ty), mask=d_mask)
+
+
+def _layer_addressing(caches, kv_len):
+    """(base tensor, layer stride in elements, [B, nkv, S, D] strides) for P caches.
+
+    No copy when the caches are equally strided views at a constant pointer offset (including
+    P == 1); otherwise a stacked copy of the live prefix (cost: P*B*nkv*kv_len*D elements).
+    """
+    c0 = caches[0]
+    if len(caches) == 1:
+        return c0, 0, c0.stride()
+    es = c0.element_size()
+    uniform = all(
+        c.dtype == c0.dtype and c.device == c0.device and c.shape == c0.shape and c.stride() == c0.stride()
+        for c in caches
+    )
+    if uniform:
+        delta = caches[1].data_ptr() - c0.data_ptr()
+        if delta % es == 0 and all(c.data_ptr() - c0.data_ptr() == i * delta for i, c in enumerate(caches)):
+            return c0, delta // es, c0.stride()
+    st = torch.stack([c[:, :, :kv_len] for c in caches])
+    return st, st.stride(0), st.stride()[1:]
+
+
+def decode_attention_triton(q, k_caches, v_caches, kv_mask, kv_len, scale, *, out=None, num_splits=None):
+    """Launch the split-KV kernels; ``out`` ([B, P*nh, D], q.dtype) is written in full.
+    ``num_splits`` overrides the heuristic (tests cover 1 and several splits)."""
+    B, HQ, D = q.shape
+    P = len(k_caches)
+    if P == 0 or len(v_caches) != P or HQ % P:
+        raise ValueError(f"{P} k caches / {len(v_caches)} v caches for {HQ} query heads")
+    NH = HQ // P
+    Bk, NKV, S, Dk = k_caches[0].shape
+    if Bk != B or Dk != D or NH % NKV or not 0 <= kv_len <= S:
+        raise ValueError(f"cache {tuple(k_caches[0].shape)} does not fit q {tuple(q.shape)}, kv_len {kv_len}")
+    if kv_mask is not None and (kv_mask.shape[0] != B or kv_mask.shape[1] < kv_len):
+        raise ValueError(f"kv_mask {tuple(kv_mask.shape)} must be [B, >= kv_len]")
+    GROUP = NH // NKV
+    out = check_out(out, (B, HQ, D), q)
+    kout = kernel_out(out)
+    interp = interpreted(q)
+    BLOCK_N = 32 if interp else 64
+    BLOCK_D = max(16, next_pow2(D))
+    BLOCK_G = max(16, next_pow2(GROUP))
+    n_blocks = max(1, cdiv(kv_len, BLOCK_N))
+    programs = B * P * NKV
+    if num_splits is None:
+        # enough programs for ~2 per SM; never more splits than KV blocks
+        num_splits = max(1, min(cdiv(2 * sm_count(q), programs), 64))
+    num_splits = max(1, min(int(num_splits), n_blocks))
+    chunk = cdiv(n_blocks, num_splits) * BLOCK_N
+    num_splits = max(1, cdiv(kv_len, chunk))
+    k_base, k_layer, ks = _layer_addressing(k_caches, kv_len)
+    v_base, v_layer, vs = _layer_addressing(v_caches, kv_len)
+    upcast = interp and q.dtype == torch.bfloat16
+    direct = num_splits == 1
+    if direct:
+        opart = lse = kout
+    else:
+        opart = workspace((B * HQ, num_splits, D), q)
+        lse = workspace((B * HQ, num_splits), q)
+    mask = kv_mask.view(torch.uint8) if kv_mask is not None else q
+    _decode_attn_kernel[(programs, num_splits)](
+        q, k_base, v_base, mask, kout, opart, lse,
+        kv_len, float(scale) * _LOG2E, NKV, NH, GROUP, P, D, chunk, num_splits,
+        *q.stride(), k_layer, *ks, v_layer, *vs,
+        *(mask.stride() if kv_mask is not None else (0, 0)), *kout.stride(),
+        HAS_MASK=kv_mask is not None, DIRECT=direct, UPCAST=upcast,
+        DOT_PREC="ieee" if upcast or q.dtype == torch.float32 else "tf32",
+        BLOCK_G=BLOCK_G, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, num_warps=4, num_stages=2,
+    )
+    if not direct:
+        _decode_combine_kernel[(B * HQ,)](
+            opart, lse, kout, HQ, D, num_splits, *kout.stride(),
+            BLOCK_S=max(2, next_pow2(num_splits)), BLOCK_D=BLOCK_D, num_warps=4,
+        )
+    return finish_out(out, kout)
+
+
+@torch.library.custom_op("cqil::decode_attention", mutates_args=())
+def _decode_attention_op(q: torch.Tensor, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor],
+                         kv_mask: torch.Tensor | None, kv_len: int, scale: float) -> torch.Tensor:
+    if use_triton(q):
+        return decode_attention_triton(q, k_caches, v_caches, kv_mask, kv_len, scale)
+    return decode_attention_reference(q, k_caches, v_caches, kv_mask, kv_len, scale)
+
+
+@_decode_attention_op.register_fake
+def _(q, k_caches, v_caches, kv_mask, kv_len, scale):
+    return q.new_empty(q.shape)
+
+
+def decode_attention(q: torch.Tensor, k_caches, v_caches, kv_mask: torch.Tensor | None, kv_len: int,
+                     scale: float) -> torch.Tensor:
+    """Single-token attention of P layers over their own KV caches (split-KV, GQA per layer).
+
+    Args:
+        q: [B, P*nh, D], RoPE applied; global head j*nh + h belongs to layer j.
+        k_caches, v_caches: sequences of P tensors [B, nkv, S, D] (HF cache layout; S may exceed
+            kv_len for static caches). Query head h of layer j reads kv head h // (nh // nkv).
+        kv_mask: [B, S] bool (True = attend) or None.
+        kv_len: only cache positions < kv_len are read.
+        scale: softmax scale, usually D ** -0.5.
+
+    Returns:
+        [B, P*nh, D] in q.dtype. A row with no valid position returns zeros.
+
+    Example:
+        >>> o = decode_attention(q, [c.keys for c in layers], [c.values for c in layers], None, L, D**-0.5)
+    """
+    return _decode_attention_op(q, list(k_caches), list(v_caches), kv_mask, int(kv_len), float(scale))

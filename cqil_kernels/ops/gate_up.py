@@ -1,0 +1,165 @@
+"""Per-layer post-attention RMSNorm + gate/up projection + SiLU(gate) * up, for P layers at once.
+
+Step 6 of the group decomposition. Each layer j has its own MLP input ``u[j]`` (``h + a_j``), so
+the norm is per (layer, row). Like :mod:`.qkv_gemm`, the norm weight multiplies the input tile in
+the prologue, ``sum(u^2)`` is accumulated in the same K loop, and rstd scales both accumulators in
+the epilogue, where SiLU(gate) * up is applied before the single store: the [P, M, 2I]
+intermediate never reaches memory.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from ._common import (
+    cdiv, check_out, compute_dtype, dot_flags, finish_out, gemm_blocks, kernel_out, pick_split_k,
+    splitk_reduce, tl, triton, use_triton, workspace,
+)
+
+
+def gate_up_silu_reference(u, norm_weight, weight, eps):
+    """Torch reference and CPU fallback (HF LlamaRMSNorm + LlamaMLP numerics, per layer)."""
+    if norm_weight is not None:
+        uc = u.to(compute_dtype(u.dtype))
+        r = (uc * torch.rsqrt(uc.pow(2).mean(-1, keepdim=True) + eps)).to(u.dtype)
+        xn = norm_weight[:, None, :] * r
+    else:
+        xn = u
+    I = weight.shape[1] // 2
+    gu = torch.bmm(xn, weight.transpose(1, 2))
+    return F.silu(gu[..., :I]) * gu[..., I:]
+
+
+@triton.jit
+def _gate_up_kernel(
+    u_ptr, nw_ptr, w_ptr, out_ptr, ws_ptr, ss_ptr,
+    M, I, K, SPLITS, K_PER_SPLIT, WS_STRIDE, inv_k, eps,
+    stride_up, stride_um, stride_uk, stride_nwp, stride_nwk, stride_wp, stride_wn, stride_wk,
+    stride_op, stride_om, stride_on,
+    HAS_NORM: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_pk = tl.program_id(2)
+    p = pid_pk // SPLITS
+    pid_k = pid_pk % SPLITS
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    m_mask = rm < M
+    n_mask = rn < I
+    rk0 = tl.arange(0, BK)
+    p64 = p.to(tl.int64)
+    u_rows = u_ptr + p64 * stride_up + rm.to(tl.int64)[:, None] * stride_um
+    # gate rows [0, I), up rows [I, 2I) of layer p's stacked weight
+    wg_cols = w_ptr + p64 * stride_wp + rn.to(tl.int64)[None, :] * stride_wn
+    wu_cols = wg_cols + I * stride_wn
+    acc_g = tl.zeros((BM, BN), dtype=tl.float32)
+    acc_u = tl.zeros((BM, BN), dtype=tl.float32)
+    ss = tl.zeros((BM,), dtype=tl.float32)
+    k_lo = pid_k * K_PER_SPLIT
+    for kk in range(0, K_PER_SPLIT, BK):
+        rk = k_lo + kk + rk0
+        k_mask = rk < K
+        xt = tl.load(u_rows + rk[None, :] * stride_uk, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        w_mask = k_mask[:, None] & n_mask[None, :]
+        wg = tl.load(wg_cols + rk[:, None] * stride_wk, mask=w_mask, other=0.0)
+        wu = tl.load(wu_cols + rk[:, None] * stride_wk, mask=w_mask, other=0.0)
+        if HAS_NORM:
+            xf = xt.to(tl.float32)
+            ss += tl.sum(xf * xf, axis=1)
+            g = tl.load(nw_ptr + p * stride_nwp + rk * stride_nwk, mask=k_mask, other=0.0)
+            xt = xf * g.to(tl.float32)[None, :]
+        if UPCAST:
+            xt = xt.to(tl.float32)
+            acc_g = tl.dot(xt, wg.to(tl.float32), acc_g, input_precision=DOT_PREC)
+            acc_u = tl.dot(xt, wu.to(tl.float32), acc_u, input_precision=DOT_PREC)
+        else:
+            xt = xt.to(wg.dtype)
+            acc_g = tl.dot(xt, wg, acc_g, input_precision=DOT_PREC)
+            acc_u = tl.dot(xt, wu, acc_u, input_precision=DOT_PREC)
+    mask = m_mask[:, None] & n_mask[None, :]
+    if SPLIT:
+        # workspace [SPLITS, P*M, 2I]: gate partials in columns [0, I), up partials in [I, 2I)
+        rows = (p64 * M + rm)[:, None]
+        ws = ws_ptr + pid_k.to(tl.int64) * WS_STRIDE + rows * (2 * I) + rn[None, :]
+        tl.store(ws, acc_g, mask=mask)
+        tl.store(ws + I, acc_u, mask=mask)
+        if HAS_NORM:
+            tl.store(ss_ptr + pid_k.to(tl.int64) * (WS_STRIDE // (2 * I)) + p64 * M + rm, ss,
+                     mask=m_mask & (pid_n == 0))
+    else:
+        if HAS_NORM:
+            rstd = (1.0 / tl.sqrt(ss * inv_k + eps))[:, None]
+            acc_g = acc_g * rstd
+            acc_u = acc_u * rstd
+        res = acc_g * tl.sigmoid(acc_g) * acc_u
+        tl.store(out_ptr + p64 * stride_op + rm.to(tl.int64)[:, None] * stride_om + rn[None, :] * stride_on,
+                 res.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def gate_up_silu_triton(u, norm_weight, weight, eps, *, out=None, split_k=None):
+    """Launch the Triton kernel; ``out`` ([P, M, I], u.dtype, contiguous) is written in full."""
+    P, M, K = u.shape
+    if weight.shape[0] != P or weight.shape[2] != K or weight.shape[1] % 2:
+        raise ValueError(f"weight {tuple(weight.shape)} does not match u {tuple(u.shape)}")
+    I = weight.shape[1] // 2
+    out = check_out(out, (P, M, I), u)
+    kout = kernel_out(out)
+    cfg = gemm_blocks(M, u)
+    BM, BN, BK = cfg["BM"], cfg["BN"], cfg["BK"]
+    mb, nb = cdiv(M, BM), cdiv(I, BN)
+    splits, per_split = pick_split_k(mb * nb * P, cdiv(K, BK), u, split_k)
+    upcast, prec = dot_flags(weight.dtype, u)
+    has_norm = norm_weight is not None
+    if splits > 1:
+        ws = workspace((splits, P * M, 2 * I), u)
+        ss = workspace((splits, P * M), u) if has_norm else ws
+    else:
+        ws = ss = kout
+    nw = norm_weight if has_norm else weight
+    _gate_up_kernel[(mb, nb, P * splits)](
+        u, nw, weight, kout, ws, ss,
+        M, I, K, splits, per_split * BK, P * M * 2 * I, 1.0 / K, float(eps),
+        *u.stride(), *(nw.stride() if has_norm else (0, 0)), *weight.stride(), *kout.stride(),
+        HAS_NORM=has_norm, SPLIT=splits > 1, UPCAST=upcast, DOT_PREC=prec,
+        BM=BM, BN=BN, BK=BK, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    if splits > 1:
+        if not kout.is_contiguous():
+            raise ValueError("out must be contiguous")
+        splitk_reduce(ws, kout.view(P * M, I), splits=splits, ss=ss if has_norm else None,
+                      inv_k=1.0 / K, eps=float(eps), glu=True)
+    return finish_out(out, kout)
+
+
+@torch.library.custom_op("cqil::gate_up_silu", mutates_args=())
+def _gate_up_silu_op(u: torch.Tensor, norm_weight: torch.Tensor | None, weight: torch.Tensor,
+                     eps: float) -> torch.Tensor:
+    if use_triton(u):
+        return gate_up_silu_triton(u, norm_weight, weight, eps)
+    return gate_up_silu_reference(u, norm_weight, weight, eps)
+
+
+@_gate_up_silu_op.register_fake
+def _(u, norm_weight, weight, eps):
+    return u.new_empty((u.shape[0], u.shape[1], weight.shape[1] // 2))
+
+
+def gate_up_silu(u: torch.Tensor, norm_weight: torch.Tensor | None, weight: torch.Tensor,
+                 eps: float) -> torch.Tensor:
+    """Fused post-attention RMSNorm + gate/up projection + SiLU(gate) * up for P layers.
+
+    Args:
+        u: [P, M, H], layer j's MLP input (before its post-attention norm) in u[j].
+        norm_weight: [P, H] post-attention RMSNorm weights, or None (no norm).
+        weight: [P, 2*I, H]; rows [0, I) of weight[j] are layer j's gate_proj, rows [I, 2I) its
+            up_proj.
+        eps: RMSNorm epsilon.
+
+    Returns:
+        [P, M, I] in u.dtype: ``silu(xn_j @ Wg_j.T) * (xn_j @ Wu_j.T)``, xn_j the normalised u[j].
+
+    Example:
+        >>> m = gate_up_silu(h[None] + a, post_norm_w, w_gate_up, 1e-6)  # [P, M, I]
+    """
+    return _gate_up_silu_op(u, norm_weight, weight, eps)
