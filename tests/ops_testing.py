@@ -1,0 +1,73 @@
+"""Helpers for the kernel tests (tests/test_ops_*.py).
+
+Error budget (flash-attention's rule): the kernel's max abs error against a high-precision
+reference must be at most twice the error of the same math done by torch at the working precision,
+plus a floor of one ulp at the output's scale (so an exact torch result does not demand an exact
+kernel). The high-precision reference is the op's reference function on upcast inputs: fp64 when
+the working dtype is fp32 (an fp32 "reference" would make torch's own error zero), fp32 otherwise.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import poison_
+
+CPU_DTYPES = (torch.float32, torch.float16)
+
+
+def hi_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float32 else torch.float32
+
+
+def upcast(obj, dtype):
+    """Upcast a tensor, None, or a list of tensors (floating tensors only)."""
+    if obj is None:
+        return None
+    if isinstance(obj, (list, tuple)):
+        return [upcast(o, dtype) for o in obj]
+    return obj.to(dtype) if obj.is_floating_point() else obj
+
+
+def nan_empty(shape, dtype, device) -> torch.Tensor:
+    """A fresh output buffer the kernel must overwrite entirely."""
+    return poison_(torch.empty(shape, dtype=dtype, device=device))
+
+
+def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Max |a - b| in fp64; NaN anywhere yields inf so it can never pass a bound."""
+    d = (a.to(torch.float64) - b.to(torch.float64)).abs()
+    if torch.isnan(d).any():
+        return float("inf")
+    return d.max().item() if d.numel() else 0.0
+
+
+def assert_error_budget(out: torch.Tensor, ref_hi: torch.Tensor, ref_lo: torch.Tensor, factor: float = 2.0):
+    assert out.shape == ref_hi.shape, (out.shape, ref_hi.shape)
+    assert torch.isfinite(ref_hi).all(), "reference is not finite: bad test inputs"
+    err = max_err(out, ref_hi)
+    torch_err = max_err(ref_lo, ref_hi)
+    scale = ref_hi.abs().max().item() if ref_hi.numel() else 0.0
+    floor = torch.finfo(out.dtype).eps * max(scale, 1e-3)
+    assert err <= factor * torch_err + floor, (
+        f"kernel error {err:.3e} > {factor} x torch error {torch_err:.3e} + floor {floor:.1e}"
+    )
+
+
+@pytest.fixture
+def poisoned_workspaces(monkeypatch):
+    """Split-K / split-KV workspaces filled with NaN, so a program that skips its slice fails."""
+    from cqil_kernels.ops import _common
+
+    monkeypatch.setattr(_common, "POISON_WORKSPACE", True)
+    yield
+
+
+def randn(*shape, dtype, device, scale=1.0, generator=None):
+    return (torch.randn(*shape, generator=generator) * scale).to(device=device, dtype=dtype)
+
+
+def norm_weight(P, H, dtype, device, generator=None):
+    # around 1 like trained RMSNorm weights, but distinct per layer so a wrong layer index shows
+    return (0.5 + torch.rand(P, H, generator=generator)).to(device=device, dtype=dtype)
