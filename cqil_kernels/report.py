@@ -1,0 +1,121 @@
+"""Human-readable output: text tables, JSON files and PNG figures.
+
+matplotlib is imported inside the plotting functions and used through its object API
+(``Figure`` + the Agg canvas), never ``pyplot``: no global backend switch, no GUI, and
+``import cqil_kernels`` stays free of it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+from pathlib import Path
+
+__all__ = ["format_table", "write_json", "plot_analysis", "environment", "fmt"]
+
+
+def fmt(value, digits: int = 4) -> str:
+    """Compact number formatting for tables; ``-`` for None."""
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        return f"{value:.{digits}g}" if abs(value) < 1e4 else f"{value:.0f}"
+    return str(value)
+
+
+def format_table(header: list[str], rows: list[list]) -> str:
+    """Monospace table: ``header`` and ``rows`` of values (formatted with ``fmt``)."""
+    cells = [list(header)] + [[v if isinstance(v, str) else fmt(v) for v in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def write_json(data, path) -> Path:
+    """Write ``data`` as indented JSON, creating the parent folder."""
+    path = Path(os.fspath(path))
+    if path.parent and not path.parent.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+    return path
+
+
+def environment() -> dict:
+    """Versions and machine, recorded next to every measurement."""
+    import torch
+    import transformers
+
+    return {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+def _figure(width: float, height: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=110)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def plot_analysis(analysis, path) -> Path:
+    """PNG of a LayerAnalysis: input-similarity heatmap and the measured cost of each group.
+
+    Left: ``similarity`` [L, L] with the adjacent pairs (i, i+1) outlined. Right: KL and relative
+    perplexity change of converting each candidate group alone (log scale: costs span decades).
+    """
+    from matplotlib.patches import Rectangle
+
+    path = Path(os.fspath(path))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    n = analysis.num_layers
+    fig = _figure(13, 5.2)
+    ax = fig.add_subplot(1, 2, 1)
+    im = ax.imshow(analysis.similarity, cmap="viridis", vmin=min(0.0, min(map(min, analysis.similarity))), vmax=1.0)
+    for i in range(n - 1):
+        for (r, c) in ((i, i + 1), (i + 1, i)):
+            ax.add_patch(Rectangle((c - 0.5, r - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=0.8))
+    ax.set_title("cosine similarity of layer inputs (red: adjacent)")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("layer")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+
+    if analysis.costs:
+        labels = ["-".join(map(str, c.group)) for c in analysis.costs]
+        x = list(range(len(labels)))
+        ax = fig.add_subplot(2, 2, 2)
+        ax.bar(x, [max(c.kl, 1e-6) for c in analysis.costs], color="tab:blue")
+        ax.set_yscale("log")  # costs span decades: the first and last layers are catastrophic
+        ax.set_ylabel("KL (nats/token)")
+        ax.set_title(f"cost of converting one group of {analysis.parallel} alone (calibration text)")
+        ax.set_xticks(x)
+        ax.set_xticklabels([])
+        ax = fig.add_subplot(2, 2, 4)
+        ax.bar(x, [c.ppl_increase * 100 for c in analysis.costs], color="tab:orange")
+        ax.set_yscale("symlog", linthresh=1.0)
+        ax.axhline(0.0, color="black", linewidth=0.5)
+        ax.set_ylabel("perplexity change (%)")
+        ax.set_xticks(x)
+        ax.set_xticklabels(labels, rotation=90, fontsize=7)
+        ax.set_xlabel("group")
+    else:
+        ax = fig.add_subplot(1, 2, 2)
+        adj = analysis.adjacent_similarity()
+        ax.plot(range(len(adj)), adj, marker="o")
+        ax.set_title("similarity of adjacent layer inputs (costs not measured)")
+        ax.set_xlabel("layer i (pair i, i+1)")
+    fig.tight_layout()
+    fig.savefig(path)
+    return path
