@@ -107,6 +107,8 @@ def gate_up_silu_triton(u, norm_weight, weight, eps, *, out=None, split_k=None):
     kout = kernel_out(out)
     cfg = gemm_blocks(M, u)
     BM, BN, BK = cfg["BM"], cfg["BN"], cfg["BK"]
+    # two fp32 accumulators: halve the N tile of the large-M config to stay clear of spills
+    BN = min(BN, 64)
     mb, nb = cdiv(M, BM), cdiv(I, BN)
     splits, per_split = pick_split_k(mb * nb * P, cdiv(K, BK), u, split_k)
     upcast, prec = dot_flags(weight.dtype, u)
