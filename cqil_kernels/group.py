@@ -111,71 +111,86 @@ class CQILGroup:
 
     # ------------------------------------------------------------------ forward
     def forward(self, hidden_states: torch.Tensor, attention_mask=None, position_embeddings=None, **kwargs) -> torch.Tensor:
-        """hidden_states [B, T, H] -> group output [B, T, H]."""
+        """hidden_states [B, T, H] -> group output [B, T, H] (transformers' layer interface)."""
         cache = compat.pop_cache(kwargs)
         kwargs.pop("use_cache", None)
         kwargs.pop("output_attentions", None)
         cache_position = kwargs.pop("cache_position", None)
         if position_embeddings is None:
             raise ValueError("CQIL groups need position_embeddings from the model (transformers >= 4.48)")
-        stacked = self._use_stacked()
+        stacked = self.use_stacked()
         B, T, H = hidden_states.shape
-        P, nh, nkv, D = self.size, self.num_heads, self.num_kv_heads, self.head_dim
         x = hidden_states.reshape(B * T, H)
+        q, k, v = self.project_qkv(x, stacked)
+        q, k, v = self.heads_first(q, k, v, B, T)
+        cos, sin = position_embeddings
+        q, k = self.rotary(q, k, cos, sin)
+        attn_out = self._attention(q, k, v, cache, cos, sin, cache_position, attention_mask, kwargs)  # [B, T, P, nh*D]
+        out = self.finish(x, attn_out.reshape(B * T, self.size, -1).transpose(0, 1), stacked)
+        return out.view(B, T, H)
 
-        # 1. q/k/v of all P layers from the shared input -> [B, T, P, heads, D]
+    # ------------------------------------------------------------------ stages (also used by the decode engine)
+    def use_stacked(self) -> bool:
+        """Whether this call can run the grouped kernels on the stacked buffers (restacks if stale)."""
+        return self._use_stacked()
+
+    def project_qkv(self, x: torch.Tensor, stacked: bool):
+        """Shared input x [M, H] -> q [M, P, nh, D], k and v [M, P, nkv, D] (Qwen3 q/k norm applied).
+
+        Step 1-2 of the decomposition: one GEMM over the N-concatenated q/k/v weights of the P
+        layers, each layer's input RMSNorm weight applied to the once-normalised input.
+        """
+        M = x.shape[0]
+        P, nh, nkv, D = self.size, self.num_heads, self.num_kv_heads, self.head_dim
         if stacked:
             s = self.stack
             qkv = self.ops().qkv_gemm(x, s.input_norm, s.qkv_weight, s.qkv_bias, self._eps("input_layernorm"))
-            qkv = qkv.view(B, T, P, (nh + 2 * nkv) * D)
-            q, k, v = qkv.split([nh * D, nkv * D, nkv * D], dim=-1)
+            q, k, v = qkv.view(M, P, (nh + 2 * nkv) * D).split([nh * D, nkv * D, nkv * D], dim=-1)
         else:
             parts = []
             for layer in self.layers:
-                xn = layer.input_layernorm(hidden_states)
+                xn = layer.input_layernorm(x)
                 a = layer.self_attn
                 parts.append((a.q_proj(xn), a.k_proj(xn), a.v_proj(xn)))
-            q, k, v = (torch.stack([p[i] for p in parts], dim=2) for i in range(3))
-        q = q.reshape(B, T, P, nh, D)
-        k = k.reshape(B, T, P, nkv, D)
-        v = v.reshape(B, T, P, nkv, D)
-
-        # 2. Qwen3: per-head RMSNorm on q and k, per layer, before RoPE
+            q, k, v = (torch.stack([p[i] for p in parts], dim=1) for i in range(3))
+        q = q.reshape(M, P, nh, D)
+        k = k.reshape(M, P, nkv, D)
+        v = v.reshape(M, P, nkv, D)
         if self.family.qk_norm:
             q, k = self._qk_norm(q, k, stacked)
+        return q, k, v
 
-        # 3. RoPE on all P*nh q heads and P*nkv k heads at once: heads -> [B, P*heads, T, D]
+    def heads_first(self, q, k, v, B: int, T: int):
+        """[B*T, P, heads, D] -> [B, P*heads, T, D]: the group's heads as one attention's heads."""
+        P, nh, nkv, D = self.size, self.num_heads, self.num_kv_heads, self.head_dim
         q = q.reshape(B, T, P * nh, D).transpose(1, 2)
         k = k.reshape(B, T, P * nkv, D).transpose(1, 2)
         v = v.reshape(B, T, P * nkv, D).transpose(1, 2)
-        cos, sin = position_embeddings
-        q, k = self.rotary(q, k, cos, sin)
+        return q, k, v
 
-        # 4. each layer's own cache slot, then attention of the whole group over P*nh heads
-        attn_out = self._attention(q, k, v, cache, cos, sin, cache_position, attention_mask, kwargs)  # [B, T, P, nh*D]
+    def finish(self, x: torch.Tensor, attn_out: torch.Tensor, stacked: bool) -> torch.Tensor:
+        """x [M, H] and attention outputs [P, M, nh*D] -> group output [M, H].
 
-        # 5. o_proj of each layer on its own attention output -> a [P, B*T, H]
-        attn_out = attn_out.reshape(B * T, P, nh * D).transpose(0, 1)
+        Steps 5-7: o_proj per layer (batched GEMM), the bypass, per-layer post-norm + gate/up with
+        SiLU*up fused, and one down-projection GEMM over the K-concatenation whose K reduction is
+        the sum over layers, with the residual and the attention outputs added in its epilogue.
+        """
         if stacked:
             a = self.ops().batched_gemm(attn_out.contiguous(), self.stack.o_weight, None)
         else:
             a = torch.stack([layer.self_attn.o_proj(attn_out[j]) for j, layer in enumerate(self.layers)])
-
-        # 6. bypass: layer j's MLP input also gets the d attention outputs before it
+        # bypass: layer j's MLP input also gets the d attention outputs before it in the group
         u = x.unsqueeze(0) + a
         for i in range(1, self.bypass + 1):
             u = torch.cat([u[:i], u[i:] + a[:-i]], dim=0)
-
-        # 7. MLPs; the down-projection's K reduction is the sum over layers
         if stacked:
             s = self.stack
             m = self.ops().gate_up_silu(u.contiguous(), s.post_norm, s.gate_up_weight, self._eps("post_attention_layernorm"))
-            out = self.ops().down_sum(m, s.down_weight, x, a)
-        else:
-            out = x + a.sum(0)
-            for j, layer in enumerate(self.layers):
-                out = out + layer.mlp(layer.post_attention_layernorm(u[j]))
-        return out.view(B, T, H)
+            return self.ops().down_sum(m, s.down_weight, x, a)
+        out = x + a.sum(0)
+        for j, layer in enumerate(self.layers):
+            out = out + layer.mlp(layer.post_attention_layernorm(u[j]))
+        return out
 
     # ------------------------------------------------------------------ pieces
     def _eps(self, norm_name: str) -> float:
@@ -183,14 +198,15 @@ class CQILGroup:
         return float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
 
     def _qk_norm(self, q, k, stacked: bool):
+        """q [M, P, nh, D], k [M, P, nkv, D]: each layer's per-head RMSNorm (Qwen3)."""
         if stacked:
             eps = float(self.layers[0].self_attn.q_norm.variance_epsilon)
             q = self.ops().rms_norm(q, self.stack.q_norm[:, None, :], eps)
             k = self.ops().rms_norm(k, self.stack.k_norm[:, None, :], eps)
             return q, k
-        qs = [layer.self_attn.q_norm(q[:, :, j]) for j, layer in enumerate(self.layers)]
-        ks = [layer.self_attn.k_norm(k[:, :, j]) for j, layer in enumerate(self.layers)]
-        return torch.stack(qs, dim=2), torch.stack(ks, dim=2)
+        qs = [layer.self_attn.q_norm(q[:, j]) for j, layer in enumerate(self.layers)]
+        ks = [layer.self_attn.k_norm(k[:, j]) for j, layer in enumerate(self.layers)]
+        return torch.stack(qs, dim=1), torch.stack(ks, dim=1)
 
     def _attention(self, q, k, v, cache, cos, sin, cache_position, attention_mask, kwargs):
         """q [B, P*nh, T, D], k/v [B, P*nkv, T, D] -> attention output [B, T, P, nh*D]."""

@@ -65,7 +65,8 @@ def test_dtype_change_after_conversion_restacks():
     ids = batch()
     with torch.no_grad():
         out = model(ids).logits
-        torch.testing.assert_close(out, ref(ids).logits, atol=1e-9, rtol=0)
+        # HF normalises in fp32 even for fp64 models, the fused references in fp64: 1e-6 apart
+        torch.testing.assert_close(out, ref(ids).logits, atol=1e-6, rtol=0)
     group = model.model.layers[1]._cqil_group
     assert group.stack.qkv_weight.dtype == torch.float64
     assert group.stack.is_fresh()
