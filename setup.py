@@ -65,11 +65,21 @@ def max_jobs() -> int:
 
 
 def _pybind11_cmake_dir():
+    """pybind11's CMake package: from the Python package, else a system install (e.g. Debian's)."""
     try:
         import pybind11
+
+        return pybind11.get_cmake_dir()
     except ImportError:
-        return None
-    return pybind11.get_cmake_dir()
+        pass
+    prefixes = [p for p in os.environ.get("CMAKE_PREFIX_PATH", "").split(os.pathsep) if p]
+    prefixes += [sys.prefix, "/usr/local", "/usr"]
+    for prefix in prefixes:
+        for sub in ("share/cmake/pybind11", "lib/cmake/pybind11", "lib64/cmake/pybind11",
+                    "lib/x86_64-linux-gnu/cmake/pybind11", "lib/aarch64-linux-gnu/cmake/pybind11"):
+            if (Path(prefix) / sub / "pybind11Config.cmake").exists():
+                return str(Path(prefix) / sub)
+    return None
 
 
 def _cxx_compiler():
@@ -105,6 +115,13 @@ class CMakeBuild(build_ext):
                 raise
             _log(f"building the compiled module failed ({exc}); continuing without it "
                  "(set CQIL_REQUIRE_BUILD=1 to make this an error)")
+
+    def get_source_files(self):
+        # sdist takes the extensions' files from here: add the CMake build's headers and lists.
+        files = list(super().get_source_files())
+        for ext in self.extensions:
+            files += [d for d in ext.depends if d not in files]
+        return files
 
     def _skip_reason(self):
         if _flag("CQIL_SKIP_BUILD"):
@@ -153,6 +170,15 @@ class CMakeBuild(build_ext):
 
 
 setup(
-    ext_modules=[CMakeExtension("cqil_kernels._C", sources=read_sources())],
+    ext_modules=[
+        CMakeExtension(
+            "cqil_kernels._C",
+            sources=read_sources(),
+            # Not compiled by setuptools; listed so that sdists carry the whole CMake build
+            # (CMakeBuild.get_source_files).
+            depends=[*sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.h")),
+                     "CMakeLists.txt", "csrc/sources.txt", "csrc/README.md"],
+        )
+    ],
     cmdclass={"build_ext": CMakeBuild},
 )

@@ -360,7 +360,11 @@ def test_cuda_raw_poisoned_and_separate_caches(cuda_op, cmod, dtype):
     kcs, vcs = [c.clone() for c in kbuf], [c.clone() for c in vbuf]
     dims = compiled._check_inputs(q, kcs, vcs, mask, kv_len, ("cuda",))
     out = poison_(torch.empty(B, P * nh, D, dtype=dtype, device="cuda"))
-    params, keep = compiled._make_params(cmod, q, kcs, vcs, mask, kv_len, 0.1, out, 5, dims)
+    # The op's own split count, so that both runs below round identically.
+    sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+    splits = cmod.decode_attention_num_splits(B * P * nh, kv_len, sms)
+    assert splits > 1
+    params, keep = compiled._make_params(cmod, q, kcs, vcs, mask, kv_len, 0.1, out, splits, dims)
     poison_(keep[-1])  # the workspace
     cmod.decode_attention_cuda(params, torch.cuda.current_stream().cuda_stream)
     torch.cuda.synchronize()
