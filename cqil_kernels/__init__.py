@@ -5,8 +5,9 @@ handlers and never touches CUDA. Triton kernels are imported only when a Triton 
 """
 
 from .conversion import convert, from_pretrained, get_plan, is_converted, revert
+from .engine import DecodeEngine, generate
 from .plan import CQILPlan
 
 __version__ = "0.1.0"
 
-__all__ = ["CQILPlan", "convert", "revert", "get_plan", "is_converted", "from_pretrained", "__version__"]
+__all__ = ["CQILPlan", "convert", "revert", "get_plan", "is_converted", "from_pretrained", "DecodeEngine", "generate", "__version__"]
