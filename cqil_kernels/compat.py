@@ -8,7 +8,7 @@ Versions are compared with packaging.version, never as strings.
 
 from __future__ import annotations
 
-from functools import lru_cache
+from importlib.metadata import version as _installed_version
 
 from packaging.version import Version
 
@@ -23,20 +23,24 @@ __all__ = [
 CACHE_KWARG_NAMES = ("past_key_values", "past_key_value", "cache")
 
 
-@lru_cache(maxsize=None)
-def transformers_version() -> Version:
-    import transformers
+# Read from the installed metadata (no import of transformers) once: plain module constants are
+# also what torch.compile traces best (no lru_cache wrapper to see through).
+_TRANSFORMERS = Version(_installed_version("transformers"))
+_LAYER_RETURNS_TUPLE = _TRANSFORMERS < Version("4.54")
+# From 5.4 the cache layers count positions themselves and cache_position is gone.
+_NEEDS_CACHE_KWARGS = _TRANSFORMERS < Version("5.4")
 
-    return Version(transformers.__version__)
+
+def transformers_version() -> Version:
+    return _TRANSFORMERS
 
 
 def layer_returns_tuple() -> bool:
-    return transformers_version() < Version("4.54")
+    return _LAYER_RETURNS_TUPLE
 
 
 def needs_cache_kwargs() -> bool:
-    # From 5.4 the cache layers count positions themselves and cache_position is gone.
-    return transformers_version() < Version("5.4")
+    return _NEEDS_CACHE_KWARGS
 
 
 def pop_cache(kwargs: dict):
