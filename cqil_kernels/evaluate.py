@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
+import weakref
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
@@ -112,6 +114,25 @@ def plan_applied(model, plan: CQILPlan | None, backend: str = "auto"):
 
 
 # ------------------------------------------------------------------------------------ accumulation
+def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """[n, V] x [n, V] -> [n] row-wise dot products, without an [n, V] temporary."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+
+
+@dataclass
+class _BaseBatch:
+    """The base model's next-token distribution at the scored positions of one batch."""
+
+    p: torch.Tensor  # [n, V] probabilities
+    neg_entropy: torch.Tensor  # [n] sum_v p log p
+    top1: torch.Tensor  # [n]
+
+    @classmethod
+    def from_logp(cls, logp: torch.Tensor) -> "_BaseBatch":
+        p = logp.exp()
+        return cls(p=p, neg_entropy=_rowdot(p, logp), top1=logp.argmax(-1))
+
+
 class _Stats:
     """Running sums for one model/plan over the scored tokens of many batches."""
 
@@ -125,15 +146,21 @@ class _Stats:
         self.window_tokens = 0
         self.has_base = False
 
-    def add(self, logp: torch.Tensor, targets: torch.Tensor, base: "_BaseBatch | None") -> None:
-        """logp: [n, V] log-probs at scored positions; targets: [n]; base: the same positions' base."""
-        self.nll += float(-logp.gather(-1, targets[:, None]).sum())
+    def add(self, logits: torch.Tensor, targets: torch.Tensor, base: _BaseBatch | None) -> None:
+        """logits: [n, V] fp32 at the scored positions (any shift); targets: [n]; base: same positions.
+
+        Works from logits and their logsumexp instead of a full log_softmax: with
+        ``log q = logits - lse``, ``KL(p || q) = sum_v p log p - sum_v p logits + lse`` per row,
+        one pass over the vocabulary per term and no [n, V] temporaries.
+        """
+        lse = torch.logsumexp(logits, dim=-1)  # [n]
+        self.nll += float((lse - logits.gather(-1, targets[:, None]).squeeze(-1)).double().sum())
         self.count += int(targets.numel())
         if base is not None:
             self.has_base = True
-            # KL(base || model) per position, summed: sum_v p_b (log p_b - log p_m)
-            self.kl += float((base.p * (base.logp - logp)).sum())
-            self.agree += int((logp.argmax(-1) == base.top1).sum())
+            kl_rows = base.neg_entropy - _rowdot(base.p, logits) + lse
+            self.kl += float(kl_rows.double().sum())
+            self.agree += int((logits.argmax(-1) == base.top1).sum())
 
     def result(self, base_ppl: float | None) -> EvalResult:
         if self.count == 0:
@@ -143,6 +170,7 @@ class _Stats:
             perplexity=math.exp(nll),
             nll=nll,
             num_tokens=self.count,
+            # rounding can leave an identical distribution at -1e-9
             kl=max(self.kl / self.count, 0.0) if self.has_base else None,
             top1_agreement=self.agree / self.count if self.has_base else None,
             base_perplexity=base_ppl if self.has_base else None,
@@ -150,17 +178,6 @@ class _Stats:
             tokens_per_second=self.window_tokens / self.seconds if self.seconds > 0 else 0.0,
             plan=self.plan.to_dict() if self.plan is not None else None,
         )
-
-
-@dataclass
-class _BaseBatch:
-    logp: torch.Tensor  # [n, V] base log-probs at the scored positions
-    p: torch.Tensor  # [n, V] exp(logp), kept to avoid recomputing it for every plan
-    top1: torch.Tensor  # [n]
-
-    @classmethod
-    def from_logp(cls, logp: torch.Tensor) -> "_BaseBatch":
-        return cls(logp=logp, p=logp.exp(), top1=logp.argmax(-1))
 
 
 @dataclass
@@ -177,11 +194,65 @@ class BaseLogProbs:
     num_windows: int
 
 
+def _scored_logits(model, ids: torch.Tensor, mask: torch.Tensor, inputs_embeds=None) -> torch.Tensor:
+    """[b, T] ids, [b, T-1] mask -> [n, V] fp32 logits predicting the scored tokens."""
+    if inputs_embeds is None:
+        logits = model(input_ids=ids, use_cache=False).logits
+    else:
+        logits = model(inputs_embeds=inputs_embeds, use_cache=False).logits
+    return logits[:, :-1][mask].float()
+
+
 def _forward_logp(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """[b, T] ids, [b, T-1] mask -> [n, V] fp32 log-probs of the scored next tokens."""
-    logits = model(input_ids=ids, use_cache=False).logits
-    # Only scored positions go through the fp32 softmax: that is the memory peak of a batch.
-    return F.log_softmax(logits[:, :-1][mask].float(), dim=-1)
+    return F.log_softmax(_scored_logits(model, ids, mask), dim=-1)
+
+
+# ------------------------------------------------------------------------------------ prefix reuse
+class _PassThrough(torch.nn.Module):
+    """Stands in for a decoder layer whose output is already known: returns its input."""
+
+    def forward(self, hidden_states, *args, **kwargs):
+        from .compat import layer_output
+
+        return layer_output(hidden_states)
+
+
+@contextmanager
+def _skip_layers(model, count: int):
+    """Replace the first ``count`` decoder layers by pass-throughs (same list length and indices)."""
+    layers = decoder_layers(model)
+    saved = [layers[i] for i in range(count)]
+    try:
+        for i in range(count):
+            layers[i] = _PassThrough()
+        yield
+    finally:
+        for i, layer in enumerate(saved):
+            layers[i] = layer
+
+
+def _first_converted_layer(plan: CQILPlan | None) -> int:
+    groups = plan.parallel_groups if plan is not None else ()
+    return min(g[0] for g in groups) if groups else 0
+
+
+# Models on which running from a cached layer input was checked to reproduce the full forward.
+_PREFIX_OK: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _prefix_reuse_ok(model, ids, mask, layer: int, hidden: torch.Tensor, reference: torch.Tensor) -> bool:
+    """Check once per model that ``model(inputs_embeds=h_layer)`` with the first layers skipped
+    gives the logits of the full forward (it will not for a model that scales its embeddings
+    inside forward, or a layer list the model does not iterate)."""
+    if model not in _PREFIX_OK:
+        with _skip_layers(model, layer):
+            logits = _scored_logits(model, ids, mask, inputs_embeds=hidden)
+        scale = float(reference.abs().max()) or 1.0
+        _PREFIX_OK[model] = bool(torch.allclose(logits, reference, rtol=0.0, atol=1e-3 * scale))
+        if not _PREFIX_OK[model]:
+            warnings.warn("cannot reuse cached layer inputs for this model; running full forwards")
+    return _PREFIX_OK[model]
 
 
 def _batches(num_windows: int, batch_size: int):
@@ -239,6 +310,7 @@ def compare_plans(
     progress: bool = True,
     backend: str = "auto",
     on_layer_inputs: Callable[[list, torch.Tensor], None] | None = None,
+    reuse_prefix: bool = True,
     desc: str = "evaluating plans",
 ) -> tuple[EvalResult, list[EvalResult]]:
     """Measure several plans against the sequential model, sharing one base forward per batch.
@@ -250,6 +322,9 @@ def compare_plans(
         batch_size: windows per forward.
         on_layer_inputs: called after each base forward with the hidden states entering every
             decoder layer (a list of L tensors [b, T, H]) and the [b, T-1] score mask.
+        reuse_prefix: layers before a plan's first group compute exactly what the base computed,
+            so a plan's forward starts from the base's cached input of that layer (checked once
+            per model to reproduce the full forward). Tokens/s then cover only what ran.
 
     Returns:
         (base, results): the sequential model's EvalResult and one EvalResult per plan, each
@@ -258,9 +333,11 @@ def compare_plans(
     conv = _conversion()
     original = conv.get_plan(model)
     plans = list(plans)
+    num_layers = len(decoder_layers(model))
     for plan in plans:
         if plan is not None:
-            plan.validate_for(len(decoder_layers(model)))
+            plan.validate_for(num_layers)
+    starts = [_first_converted_layer(p) if reuse_prefix else 0 for p in plans]
     base_stats, stats = _Stats(None), [_Stats(p) for p in plans]
     bar = _progress(len(windows) * windows.seq_len * (1 + len(plans)), desc, progress)
     try:
@@ -270,34 +347,46 @@ def compare_plans(
             targets = ids[:, 1:][mask]
             _set_plan(model, None, backend)
             sink: list = []
+            capture = on_layer_inputs is not None or any(starts)
             t0 = time.perf_counter()
-            if on_layer_inputs is not None:
+            if capture:
                 with _capture_inputs(model, sink):
-                    logp = _forward_logp(model, ids, mask)
+                    logits = _scored_logits(model, ids, mask)
             else:
-                logp = _forward_logp(model, ids, mask)
+                logits = _scored_logits(model, ids, mask)
             base_stats.seconds += time.perf_counter() - t0
             base_stats.window_tokens += ids.numel()
-            base = _BaseBatch.from_logp(logp)
-            base_stats.add(logp, targets, base)
+            base = _BaseBatch.from_logp(F.log_softmax(logits, dim=-1))
+            base_stats.add(logits, targets, base)
             if on_layer_inputs is not None:
                 on_layer_inputs(sink, mask)
-            del sink
+            if any(starts) and not _prefix_reuse_ok(model, ids, mask, num_layers // 2, sink[num_layers // 2], logits):
+                starts = [0] * len(plans)
+            del logits
             bar.update(ids.numel())
-            for plan, st in zip(plans, stats):
+            for plan, first, st in zip(plans, starts, stats):
                 _set_plan(model, plan, backend)
                 t0 = time.perf_counter()
-                logp = _forward_logp(model, ids, mask)
+                if first > 0:
+                    with _skip_layers(model, first):
+                        logits = _scored_logits(model, ids, mask, inputs_embeds=sink[first])
+                else:
+                    logits = _scored_logits(model, ids, mask)
                 st.seconds += time.perf_counter() - t0
                 st.window_tokens += ids.numel()
-                st.add(logp, targets, base)
+                st.add(logits, targets, base)
+                del logits
                 bar.update(ids.numel())
+            del sink, base
     finally:
         bar.close()
         _set_plan(model, original, backend)
     base_result = base_stats.result(None)
     base_result.base_perplexity = base_result.perplexity
-    return base_result, [st.result(base_result.perplexity) for st in stats]
+    results = [st.result(base_result.perplexity) for st in stats]
+    for r, first in zip(results, starts):
+        r.extra["started_at_layer"] = first
+    return base_result, results
 
 
 def _device_of(model) -> torch.device:
@@ -379,18 +468,23 @@ def evaluate(
             targets = ids[:, 1:][mask]
             base = None
             if isinstance(base_model, BaseLogProbs):
-                base = _BaseBatch.from_logp(base_model.chunks[i].to(ids.device))
+                base_logp = base_model.chunks[i].to(ids.device)
             elif base_model is not None:
-                base_logp = _forward_logp(base_model, ids.to(_device_of(base_model)), mask.to(_device_of(base_model)))
-                base = _BaseBatch.from_logp(base_logp.to(ids.device))
+                bdev = _device_of(base_model)
+                base_logp = _forward_logp(base_model, ids.to(bdev), mask.to(bdev)).to(ids.device)
                 bar.update(ids.numel())
-            if base is not None:
-                base_stats.add(base.logp, targets, None)
+            if base_model is not None:
+                if base_logp.shape[0] != targets.numel():
+                    raise ValueError("BaseLogProbs do not match these windows (different scored positions)")
+                base = _BaseBatch.from_logp(base_logp)
+                base_stats.add(base_logp, targets, None)
+                del base_logp
             t0 = time.perf_counter()
-            logp = _forward_logp(model, ids, mask)
+            logits = _scored_logits(model, ids, mask)
             stats.seconds += time.perf_counter() - t0
             stats.window_tokens += ids.numel()
-            stats.add(logp, targets, base)
+            stats.add(logits, targets, base)
+            del logits, base
             bar.update(ids.numel())
     finally:
         bar.close()

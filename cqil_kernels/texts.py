@@ -60,18 +60,23 @@ def default_text(split: str = "all") -> str:
 
     Args:
         split: ``"all"``; ``"calib"`` (topics 0, 2, 4, ... of the sorted names) or ``"eval"``
-            (topics 1, 3, 5, ...). Calibration and evaluation never overlap.
+            (topics 1, 3, 5, ...).
+
+    Several topics repeat whole paragraphs of others; every paragraph is kept only where it first
+    appears (in sorted topic order), so calibration and evaluation never share a paragraph.
     """
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; use one of {SPLITS}")
     from pydoc_data.topics import topics
 
-    names = sorted(topics)
-    if split == "calib":
-        names = names[0::2]
-    elif split == "eval":
-        names = names[1::2]
-    return "\n\n".join(unwrap_paragraphs(topics[name]) for name in names)
+    seen: set[str] = set()
+    parts = []
+    for index, name in enumerate(sorted(topics)):
+        paragraphs = [p for p in unwrap_paragraphs(topics[name]).split("\n\n") if p not in seen]
+        seen.update(paragraphs)
+        if split == "all" or (split == "calib") == (index % 2 == 0):
+            parts.extend(paragraphs)
+    return "\n\n".join(parts)
 
 
 def read_text(path: str | os.PathLike) -> str:
