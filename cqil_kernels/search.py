@@ -226,10 +226,31 @@ def search(
             steps.append({"step": step, **_summary(plan, r, *predicted(option)), "accepted": False})
         return results
 
+    def capacity(taken) -> int:
+        """How many more disjoint groups fit in the layers not taken or excluded."""
+        used = excluded.union(*map(set, taken)) if taken else set(excluded)
+        total, run = 0, 0
+        for layer in range(num_layers + 1):
+            if layer < num_layers and layer not in used:
+                run += 1
+            else:
+                total, run = total + run // parallel, 0
+        return total
+
+    if groups is not None and budget is None and capacity([]) < groups:
+        raise ValueError(
+            f"only {capacity([])} disjoint groups of {parallel} layers fit this model "
+            f"({num_layers} layers, excluded {exclude}); asked for {groups}"
+        )
+
     chosen: list[tuple] = []
     chosen_result: EvalResult | None = None
     while groups is None or len(chosen) < groups:
         free = [c.group for c in candidates if not any(set(c.group) & set(g) for g in chosen)]
+        if groups is not None:
+            # Keep N reachable: a cheap group in the wrong place can leave too little room.
+            need = groups - len(chosen) - 1
+            free = [g for g in free if capacity(chosen + [g]) >= need]
         if not free:
             break
         options = [chosen + [g] for g in free[:beam]]
@@ -240,12 +261,6 @@ def search(
         i, r = min(ok, key=lambda ir: (_metric(ir[1], rank_metric), ir[0]))
         steps[len(steps) - len(results) + i]["accepted"] = True
         chosen, chosen_result = options[i], r
-
-    if groups is not None and budget is None and len(chosen) < groups:
-        raise ValueError(
-            f"only {len(chosen)} disjoint groups of {parallel} layers fit this model "
-            f"({num_layers} layers, excluded {exclude}); asked for {groups}"
-        )
 
     for round_ in range(swap_rounds if len(chosen) > 0 else 0):
         improved = False
