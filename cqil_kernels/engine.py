@@ -118,6 +118,7 @@ class DecodeEngine:
 
     @property
     def num_sequential_steps(self) -> int:
+        self._check_model_unchanged()
         return len(self.segments)
 
     def _check_model_unchanged(self) -> None:
@@ -161,6 +162,7 @@ class DecodeEngine:
     @torch.inference_mode()
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Run the prompt [B, T] (left padding in attention_mask) into the cache; logits [B, V] of the last position."""
+        self._check_model_unchanged()
         B, T = input_ids.shape
         positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
         x = self.inner.embed_tokens(input_ids)
@@ -211,7 +213,7 @@ class DecodeEngine:
         kv_mask.index_fill_(1, slot, True)  # the new token attends to itself
         x = self.inner.embed_tokens(st["tok"])
         cos, sin = self.inner.rotary_emb(x, st["pos"])
-        from .ops import decode_attention
+        decode_attention = self._decode_attention_fn()
 
         def attend(g, q, k, v, layer_indices):
             self._write_cache(layer_indices, k, v, B, slot)
@@ -227,6 +229,12 @@ class DecodeEngine:
         st["pos"].add_(1)
         slot.add_(1)
         return logits
+
+    def _decode_attention_fn(self):
+        # the torch backend is torch end to end (its reference), not "Triton where it can run"
+        from .ops import decode_attention, decode_attention_reference
+
+        return decode_attention_reference if self.backend == "torch" else decode_attention
 
     def _graph_step(self, B: int):
         """Replay the captured step for batch B, capturing it on first use (that call runs eagerly)."""
@@ -253,6 +261,8 @@ class DecodeEngine:
     @torch.inference_mode()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed one token per sequence (long [B] or [B, 1]) after ``prefill``; logits [B, V] fp32.
+
+        A convert/revert of the model is picked up by the next ``prefill``, not mid-sequence.
 
         With CUDA graphs the returned tensor is the graph's static output: it is overwritten by the
         next step (clone it to keep it).

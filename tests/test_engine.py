@@ -184,11 +184,6 @@ def test_engine_notices_convert_and_revert():
     assert engine.num_sequential_steps == 6
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine.py: prefill()/step()/num_sequential_steps do not call _check_model_unchanged(); only "
-    "generate() does, so prefill after convert() runs the stale (unconverted) segments",
-)
 def test_prefill_notices_convert_without_generate():
     model = make_tiny("llama")
     ids, mask = left_padded_prompt(batch=2, pads=(0, 3))
