@@ -6,27 +6,13 @@ import copy
 
 import pytest
 import torch
-from tiny_models import FAMILIES, make_tiny
-from transformers import DynamicCache, StaticCache
+from tiny_models import FAMILIES, greedy_decode_logits, make_tiny, new_cache
 
 import cqil_kernels as ck
 
 pytestmark = pytest.mark.interpreter
 
 PLAN = ck.CQILPlan([[1, 2, 3], [4, 5]], bypass=1)
-
-
-def _run(model, ids, mask, cache, steps):
-    logits = []
-    with torch.no_grad():
-        out = model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
-        logits.append(out.logits[:, -1])
-        for _ in range(steps):
-            nxt = out.logits[:, -1:].argmax(-1)
-            mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
-            out = model(input_ids=nxt, attention_mask=mask, past_key_values=out.past_key_values, use_cache=True)
-            logits.append(out.logits[:, -1])
-    return torch.stack(logits, 1)
 
 
 def _pair(family, device, **kw):
@@ -45,13 +31,9 @@ def test_triton_backend_matches_torch_backend(family, cache_kind, device):
     mask = (ids != 0).long()
     steps = 3
 
-    def cache(m):
-        if cache_kind == "static":
-            return StaticCache(config=m.config, max_cache_len=ids.shape[1] + steps + 2)
-        return DynamicCache(config=m.config)
-
-    got = _run(model, ids, mask, cache(model), steps)
-    want = _run(torch_model, ids, mask, cache(torch_model), steps)
+    max_len = ids.shape[1] + steps + 2
+    got = greedy_decode_logits(model, ids, mask, new_cache(model, cache_kind, max_len), steps)
+    want = greedy_decode_logits(torch_model, ids, mask, new_cache(torch_model, cache_kind, max_len), steps)
     assert torch.isfinite(got).all()
     err = (got - want).abs().max().item()
     assert err <= 1e-3, f"{family} {cache_kind}: max abs error {err:.3g}"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from reference_group import reference_model
-from tiny_models import FAMILIES, make_tiny
+from tiny_models import FAMILIES, greedy_decode_logits, make_tiny, new_cache
 
 import cqil_kernels as ck
 
@@ -65,40 +65,18 @@ def test_prefill_left_padded_matches_reference(family, P, d):
     assert (plain[valid] - out[valid]).abs().max() > 1e-3
 
 
-def _greedy_decode(model, ids, mask, cache, steps):
-    """Prefill then ``steps`` cached decode steps feeding back argmax tokens; logits per step."""
-    logits = []
-    with torch.no_grad():
-        out = model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
-        logits.append(out.logits[:, -1])
-        for _ in range(steps):
-            nxt = out.logits[:, -1:].argmax(-1)
-            mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
-            out = model(input_ids=nxt, attention_mask=mask, past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
-            logits.append(out.logits[:, -1])
-    return torch.stack(logits, 1)
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("cache_kind", ["dynamic", "static"])
 @pytest.mark.parametrize("P,d", [(2, 1), (3, 2), (4, 0)])
 def test_cached_decode_matches_reference(family, cache_kind, P, d):
-    from transformers import DynamicCache, StaticCache
-
     plan = plan_for(P, d)
     model, ref = converted_and_reference(family, plan)
     ids, mask = left_padded_batch(lengths=(6, 3))
     steps = 16
 
-    def new_cache(m):
-        if cache_kind == "static":
-            return StaticCache(config=m.config, max_cache_len=ids.shape[1] + steps + 3)
-        return DynamicCache(config=m.config)
-
-    got = _greedy_decode(model, ids, mask, new_cache(model), steps)
-    want = _greedy_decode(ref, ids, mask, new_cache(ref), steps)
+    max_len = ids.shape[1] + steps + 3
+    got = greedy_decode_logits(model, ids, mask, new_cache(model, cache_kind, max_len), steps)
+    want = greedy_decode_logits(ref, ids, mask, new_cache(ref, cache_kind, max_len), steps)
     assert got.shape == (2, steps + 1, 97)
     assert_close(got, want, atol=5e-4, what=f"{family} {cache_kind} decode")
 

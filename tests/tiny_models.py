@@ -62,3 +62,31 @@ def make_tiny(family: str = "llama", num_layers: int = 6, seed: int = 0, attn_im
                 p.copy_(torch.randn_like(p) / p.shape[1] ** 0.5)
     model.eval()
     return model
+
+
+def new_cache(model, kind: str, max_len: int):
+    """A fresh transformers cache: "dynamic" or "static" (``max_len`` slots)."""
+    from transformers import DynamicCache, StaticCache
+
+    if kind == "static":
+        return StaticCache(config=model.config, max_cache_len=max_len)
+    if kind == "dynamic":
+        return DynamicCache(config=model.config)
+    raise ValueError(f"unknown cache kind {kind!r}")
+
+
+def greedy_decode_logits(model, ids, mask, cache, steps: int):
+    """Prefill, then ``steps`` cached decode steps feeding back argmax tokens.
+
+    Returns the last-position logits of every step, [B, steps + 1, V].
+    """
+    logits = []
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+        logits.append(out.logits[:, -1])
+        for _ in range(steps):
+            nxt = out.logits[:, -1:].argmax(-1)
+            mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
+            out = model(input_ids=nxt, attention_mask=mask, past_key_values=out.past_key_values, use_cache=True)
+            logits.append(out.logits[:, -1])
+    return torch.stack(logits, 1)
