@@ -330,7 +330,7 @@ def cmd_eval(args) -> int:
     plan = _read_plan(args.plan, _num_layers(model))
     windows = _windows(args, tok, args.text, "eval", args.max_windows)
     base, (conv,) = compare_plans(model, windows, [plan], batch_size=args.batch_size, progress=_progress(args),
-                                  backend=args.backend, desc="evaluating")
+                                  backend=args.backend, reuse_prefix=False, desc="evaluating")
     n = _num_layers(model)
     steps = plan.num_sequential_steps(n) if plan else n
     print(format_table(
@@ -405,12 +405,12 @@ def cmd_main(args) -> int:
     result.to_json(out / "search.json")
 
     # Held-out evaluation: the found plan and the best contiguous plan against the base, one base
-    # forward per batch for both.
+    # forward per batch for both; full forwards (no prefix reuse) so that tokens/s are comparable.
     t0 = time.perf_counter()
     contiguous = CQILPlan(result.best_contiguous["groups"], bypass=plan.bypass) if result.best_contiguous else None
     plans = [plan] + ([contiguous] if contiguous is not None else [])
     base, evals = compare_plans(model, evalw, plans, batch_size=args.batch_size, progress=_progress(args),
-                                backend=args.backend, desc="held-out evaluation")
+                                backend=args.backend, reuse_prefix=False, desc="held-out evaluation")
     timings["evaluate"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
