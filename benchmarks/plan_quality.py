@@ -83,8 +83,9 @@ def main(argv=None) -> int:
     base, results = compare_plans(model, evalw, list(named.values()), batch_size=args.batch_size,
                                   progress=progress, desc="held-out evaluation")
     check = results[-1]
-    # Verification: the sequential plan must reproduce the base exactly.
-    assert check.kl < 1e-6 and check.top1_agreement == 1.0, "evaluation check failed"
+    # Verification: the sequential plan must reproduce the base (a second forward of the same
+    # batch; argmax near-ties may flip a token in 10^4, so not bit-exact).
+    verified = check.kl < 1e-5 and check.top1_agreement > 0.999
 
     rows, entries = [], []
     for (name, plan), r in zip(named.items(), results):
@@ -114,10 +115,15 @@ def main(argv=None) -> int:
         "search": res.to_dict(include_analysis=True),
         "table": table,
         "seconds": {"search": t_search, "total": time.perf_counter() - t_start},
+        "verification": {"sequential_kl": check.kl, "sequential_top1": check.top1_agreement, "ok": verified},
         "environment": environment(),
         "torch_threads": torch.get_num_threads(),
     }, args.out)
     print(f"wrote {args.out}")
+    if not verified:
+        print(f"verification FAILED: sequential plan KL {check.kl:.3g}, top-1 {check.top1_agreement:.6f}",
+              file=sys.stderr)
+        return 1
     return 0
 
 
