@@ -149,3 +149,21 @@ def test_bad_inputs(model):
         compare_plans(model, _windows(), [CQILPlan([[5, 6]])], progress=False)
     with pytest.raises(ValueError, match="batch_size"):
         evaluate(model, _windows(), batch_size=0, progress=False)
+
+
+def test_kl_is_accurate_for_a_large_vocabulary_and_large_logits():
+    """Regression: a logsumexp shortcut cancelled to ~1e-3 nats/token at SmolLM2's scale."""
+    from cqil_kernels.evaluate import _BaseBatch, _Stats
+
+    g = torch.Generator().manual_seed(0)
+    logits = 12 * torch.randn(64, 49152, generator=g) + 15
+    other = logits + 0.05 * torch.randn(64, 49152, generator=g)
+    base = _BaseBatch.from_logp(F.log_softmax(logits, -1))
+    targets = torch.zeros(64, dtype=torch.long)
+    same, diff = _Stats(), _Stats()
+    same.add(logits.clone(), targets, base)
+    diff.add(other.clone(), targets, base)
+    lb, lo = F.log_softmax(logits.double(), -1), F.log_softmax(other.double(), -1)
+    expected = float((lb.exp() * (lb - lo)).sum(-1).mean())
+    assert abs(same.kl / same.count) < 2e-5
+    assert diff.kl / diff.count == pytest.approx(expected, rel=1e-3, abs=2e-5)
