@@ -4,10 +4,44 @@ Importing this package has no side effects: it sets no environment variables, ad
 handlers and never touches CUDA. Triton kernels are imported only when a Triton backend is used.
 """
 
+from .analysis import GroupCost, LayerAnalysis, analyze
 from .conversion import convert, from_pretrained, get_plan, is_converted, revert
 from .engine import DecodeEngine, generate
+from .evaluate import EvalResult, base_log_probs, compare_plans, evaluate, plan_applied
+from .loading import load_model
 from .plan import CQILPlan
+from .search import SearchResult, search
+from .texts import TokenWindows, default_text, load_windows, make_windows, read_text
 
 __version__ = "0.1.0"
 
-__all__ = ["CQILPlan", "convert", "revert", "get_plan", "is_converted", "from_pretrained", "DecodeEngine", "generate", "__version__"]
+__all__ = [
+    # plans and conversion
+    "CQILPlan",
+    "convert",
+    "revert",
+    "get_plan",
+    "is_converted",
+    "from_pretrained",
+    # low-latency generation
+    "DecodeEngine",
+    "generate",
+    # choosing layers: data, evaluation, analysis, search
+    "load_model",
+    "TokenWindows",
+    "default_text",
+    "read_text",
+    "make_windows",
+    "load_windows",
+    "evaluate",
+    "compare_plans",
+    "base_log_probs",
+    "EvalResult",
+    "plan_applied",
+    "analyze",
+    "LayerAnalysis",
+    "GroupCost",
+    "search",
+    "SearchResult",
+    "__version__",
+]

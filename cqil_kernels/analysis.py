@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .evaluate import compare_plans, decoder_layers
+from .conversion import decoder_layers
+from .evaluate import compare_plans
 from .plan import CQILPlan
 
 __all__ = ["GroupCost", "LayerAnalysis", "analyze", "candidate_groups"]

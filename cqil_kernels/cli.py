@@ -212,7 +212,7 @@ def _log(message: str) -> None:
 
 
 def _num_layers(model) -> int:
-    from .evaluate import decoder_layers
+    from .conversion import decoder_layers
 
     return len(decoder_layers(model))
 

@@ -25,6 +25,8 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from . import conversion
+from .conversion import decoder_layers
 from .plan import CQILPlan
 
 __all__ = [
@@ -34,7 +36,6 @@ __all__ = [
     "compare_plans",
     "base_log_probs",
     "plan_applied",
-    "decoder_layers",
 ]
 
 
@@ -71,25 +72,13 @@ class EvalResult:
 
 
 # ------------------------------------------------------------------------------------ model access
-def _conversion():
-    # Looked up at call time (not bound at import) so tests can substitute a conversion module.
-    from . import conversion
-
-    return conversion
-
-
-def decoder_layers(model) -> torch.nn.ModuleList:
-    """The decoder-layer list of a HF causal LM (``model.model.layers``) or base model."""
-    return _conversion().decoder_layers(model)
-
-
 def _is_parallel(plan: CQILPlan | None) -> bool:
     return plan is not None and len(plan.parallel_groups) > 0
 
 
 def _set_plan(model, plan: CQILPlan | None, backend: str) -> None:
     """Put ``model`` into exactly ``plan`` (None or no parallel group: sequential), in place."""
-    conv = _conversion()
+    conv = conversion
     if conv.get_plan(model) is not None:
         conv.revert(model)
     if _is_parallel(plan):
@@ -104,7 +93,7 @@ def plan_applied(model, plan: CQILPlan | None, backend: str = "auto"):
         >>> with plan_applied(model, CQILPlan([[20, 21]])):   # doctest: +SKIP
         ...     logits = model(ids).logits
     """
-    conv = _conversion()
+    conv = conversion
     original = conv.get_plan(model)
     try:
         _set_plan(model, plan, backend)
@@ -323,7 +312,7 @@ def compare_plans(
         (base, results): the sequential model's EvalResult and one EvalResult per plan, each
         with ``kl`` / ``top1_agreement`` / ``base_perplexity`` against the sequential model.
     """
-    conv = _conversion()
+    conv = conversion
     original = conv.get_plan(model)
     plans = list(plans)
     num_layers = len(decoder_layers(model))
@@ -439,7 +428,7 @@ def evaluate(
     """
     windows = _as_windows(data, tokenizer, seq_len, stride, max_windows)
     if base_model is model:
-        plan = _conversion().get_plan(model)
+        plan = conversion.get_plan(model)
         _, (result,) = compare_plans(
             model, windows, [plan], batch_size=batch_size, progress=progress, backend=backend, desc="evaluating"
         )
@@ -487,6 +476,6 @@ def evaluate(
 
 def _plan_or_none(model) -> CQILPlan | None:
     try:
-        return _conversion().get_plan(model)
+        return conversion.get_plan(model)
     except ImportError:
         return None

@@ -20,7 +20,8 @@ import time
 from dataclasses import dataclass, field
 
 from .analysis import METRICS, LayerAnalysis, analyze
-from .evaluate import EvalResult, compare_plans, decoder_layers
+from .conversion import decoder_layers
+from .evaluate import EvalResult, compare_plans
 from .plan import CQILPlan
 
 __all__ = ["SearchResult", "search", "contiguous_plans"]
