@@ -1,0 +1,155 @@
+"""distill: LoRA + KL to the unconverted model on tiny converted models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import make_tiny
+
+import cqil_kernels as ck
+from cqil_kernels.conversion import decoder_layers
+from cqil_kernels.texts import TokenWindows
+
+pytest.importorskip("peft")
+from cqil_kernels.distill import DistillResult, distill  # noqa: E402
+from cqil_kernels.evaluate import base_log_probs, evaluate  # noqa: E402
+
+PLAN = ck.CQILPlan([[2, 3], [4, 5]], bypass=0)
+FAST = dict(rank=4, steps=12, lr=3e-3, batch_size=2, progress=False)
+
+
+def windows(n=6, T=24, seed=0) -> TokenWindows:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 97, (n, T), generator=g)
+    return TokenWindows(ids, torch.ones(n, dtype=torch.long), T, "random")
+
+
+def converted(family="llama", seed=0):
+    model = make_tiny(family, num_layers=6, seed=seed)
+    return ck.convert(model, PLAN, backend="torch")
+
+
+def kl_on(model, w, base):
+    return evaluate(model, w, base_model=base, batch_size=2, progress=False, backend="torch").kl
+
+
+def test_loss_and_calibration_kl_go_down():
+    model = converted()
+    w = windows()
+    base = base_log_probs(model, w, batch_size=2, progress=False, backend="torch")
+    kl_before = kl_on(model, w, base)
+    res = distill(model, w, **{**FAST, "steps": 30})
+    assert isinstance(res, DistillResult) and res.steps == 30 and len(res.losses) == 30
+    assert sum(res.losses[-5:]) / 5 < 0.7 * sum(res.losses[:5]) / 5
+    kl_after = kl_on(res.model, w, base)
+    assert kl_after < 0.7 * kl_before
+    assert res.model is model and ck.get_plan(model) == PLAN
+    assert res.tokens_seen == 30 * 2 * 24 and res.teacher == "cache" and res.prefix_layers == 2
+    d = res.to_dict()
+    assert d["steps"] == 30 and "model" not in d and res.to_json()
+
+
+def test_only_adapters_train():
+    model = converted()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    res = distill(model, windows(), merge=False, **FAST)
+    pm = res.model
+    assert hasattr(pm, "peft_config")
+    lora, base = {}, {}
+    for n, p in pm.named_parameters():
+        (lora if "lora_" in n else base)[n] = p
+    # adapters only on q/k/v/o/gate/up/down of the grouped layers 2..5
+    assert len([n for n in lora if n.endswith("lora_A.default.weight")]) == 4 * 7
+    assert not any(f"layers.{i}." in n for n in lora for i in (0, 1))
+    assert all(p.grad is not None for p in lora.values())
+    assert any(float(p.abs().max()) > 0 for n, p in lora.items() if "lora_B" in n)
+    assert all(p.grad is None for p in base.values())
+    unwrapped = {n.replace("base_model.model.", "").replace(".base_layer", ""): p for n, p in base.items()}
+    assert set(unwrapped) == set(before)
+    for n, p in unwrapped.items():
+        assert torch.equal(p, before[n]), n
+
+
+@pytest.mark.parametrize("family,teacher", [("llama", "cache"), ("qwen2", "online")])
+def test_merged_model_equals_peft_model_and_runs_stacked(family, teacher):
+    w = windows()
+    ids = windows(2, 16, seed=5).input_ids
+    peft_res = distill(converted(family), w, merge=False, teacher=teacher, **FAST)
+    with torch.no_grad():
+        want = peft_res.model(input_ids=ids).logits
+    merged_res = distill(converted(family), w, teacher=teacher, **FAST)
+    model = merged_res.model
+    assert merged_res.losses == peft_res.losses  # same seed, same run
+    assert ck.get_plan(model) == PLAN
+    layers = decoder_layers(model)
+    assert all(type(layer.self_attn.q_proj) is torch.nn.Linear for layer in layers)
+    with torch.no_grad():
+        groups = [layers[g[0]]._cqil_group for g in PLAN.groups]
+        assert all(g.use_stacked() for g in groups)  # restacked from the merged weights
+        got = model(input_ids=ids).logits
+    torch.testing.assert_close(got, want, atol=2e-4, rtol=0)
+    # the stacks hold the merged weights: the stacked path equals the layers' own modules
+    for g in groups:
+        assert g.stack.is_fresh()
+        torch.testing.assert_close(g.stack.o_weight[1], layers[g.indices[1]].self_attn.o_proj.weight, atol=0, rtol=0)
+
+
+def test_teacher_modes_and_prefix_reuse_agree():
+    w = windows()
+    a = distill(converted(), w, teacher="cache", **FAST)
+    b = distill(converted(), w, teacher="online", reuse_prefix=False, **FAST)
+    assert a.prefix_layers == 2 and b.prefix_layers == 0 and b.teacher == "online"
+    torch.testing.assert_close(torch.tensor(a.losses), torch.tensor(b.losses), atol=1e-4, rtol=1e-3)
+
+
+def test_deterministic_for_a_seed_and_seed_matters():
+    w = windows()
+    a = distill(converted(), w, seed=1, **FAST)
+    b = distill(converted(), w, seed=1, **FAST)
+    c = distill(converted(), w, seed=2, **FAST)
+    assert a.losses == b.losses
+    assert a.losses != c.losses
+    for (n, p), (_, q) in zip(a.model.named_parameters(), b.model.named_parameters()):
+        assert torch.equal(p, q), n
+
+
+def test_eval_windows_before_after_against_the_original():
+    w = windows()
+    res = distill(converted(), w, eval_windows=windows(3, 24, seed=9), **{**FAST, "steps": 20})
+    assert res.before["kl"] > 0 and res.after["kl"] < res.before["kl"]
+    # the base stays the original model (not the reverted, merged one)
+    assert res.before["base_perplexity"] == pytest.approx(res.after["base_perplexity"], rel=1e-6)
+
+
+def test_target_all_adapts_every_layer():
+    res = distill(converted(), windows(), merge=False, target="all", **{**FAST, "steps": 2})
+    names = [n for n, _ in res.model.named_parameters() if n.endswith("lora_A.default.weight")]
+    assert len(names) == 6 * 7 and res.prefix_layers == 0
+
+
+def test_errors():
+    w = windows()
+    with pytest.raises(ValueError, match="not converted"):
+        distill(make_tiny("llama", num_layers=6), w, **FAST)
+    with pytest.raises(ValueError, match="target"):
+        distill(converted(), w, target="some", **FAST)
+    import peft
+
+    pm = peft.get_peft_model(converted(), peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(ValueError):
+        distill(pm, w, **FAST)
+
+
+def test_max_seconds_shortens_the_run():
+    res = distill(converted(), windows(), max_seconds=1e-6, **{**FAST, "steps": 50})
+    assert res.steps == 2
+
+
+def test_cli_hooks():
+    import argparse
+
+    from cqil_kernels.distill import add_distill_arguments
+
+    ap = add_distill_arguments(argparse.ArgumentParser(), default_steps=7)
+    args = ap.parse_args(["--distill-rank", "8"])
+    assert args.distill_steps == 7 and args.distill_rank == 8 and args.distill_target == "grouped"
