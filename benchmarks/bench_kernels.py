@@ -24,10 +24,8 @@ Weights dominate every GEMM at decode sizes, so GB/s ~ weight bytes / time.
 """
 
 import argparse
-import datetime as _dt
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -39,14 +37,6 @@ MODELS = {
     "Llama-7B": dict(H=4096, nh=32, nkv=32, D=128, I=11008, L=2048),
 }
 SMOKE_MODELS = {"tiny": dict(H=48, nh=4, nkv=2, D=12, I=40, L=37)}
-
-
-def _git_rev() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              cwd=os.path.dirname(os.path.abspath(__file__)), timeout=10).stdout.strip()
-    except Exception:
-        return "unknown"
 
 
 def _hi(dtype):
@@ -81,8 +71,6 @@ def verify(name, got, ref_fn, args):
 
 
 def _timer(device, quick):
-    import torch
-
     if device == "cuda":
         import triton.testing
 
@@ -185,17 +173,12 @@ def _cases(model, cfg, Ms, Ps, dtype, device):
 def run(models, Ms, Ps, device, quick):
     import torch
 
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    meta = dict(
-        device=torch.cuda.get_device_name() if device == "cuda" else "cpu (Triton interpreter)",
-        torch=torch.__version__, triton=triton_version, git=_git_rev(),
-        timestamp=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), dtype=str(dtype),
-    )
+    from cqil_kernels.report import environment
+
+    meta = dict(environment(device), dtype=str(dtype))
+    if device != "cuda":
+        meta["device"] += " (Triton interpreter)"
     timer = _timer(device, quick)
     rows = []
     for model, cfg in models.items():

@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, __import__("os").path.dirname(__file__))
-from bench_env import environment, write_json  # noqa: E402
+from cqil_kernels.report import environment, write_json  # noqa: E402
 
 import cqil_kernels as ck  # noqa: E402
 
@@ -86,7 +84,7 @@ def main(argv=None):
         rows.append(row)
         print(f"{shape:14s} convert {row['convert_ms']:.1f} ms | decode original {base:.2f} ms/token, "
               f"CQIL P2 torch {conv:.2f} ms/token ({conv / base:.2f}x)")
-    write_json(args.out, {"environment": environment("cpu"), "prompt": args.prompt, "steps": args.steps, "rows": rows})
+    write_json({"environment": environment("cpu"), "prompt": args.prompt, "steps": args.steps, "rows": rows}, args.out)
     print(f"wrote {args.out}")
 
 

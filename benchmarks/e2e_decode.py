@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import math
 import os
 import statistics
 import sys
@@ -58,8 +57,7 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_env import environment, write_json  # noqa: E402
+from cqil_kernels.report import environment, write_json
 
 # ---------------------------------------------------------------------------------------------- shapes
 
@@ -619,7 +617,7 @@ def main(argv=None) -> int:
     payload = dict(environment=environment(str(device)), args=vars(args), dtype=str(dtype).replace("torch.", ""),
                    engine_backend=backend, bandwidth=bandwidth, plans=plans, verification=verification,
                    verification_passed=all_ok, rows=rows, prefill=prefill, elapsed_s=elapsed)
-    write_json(args.out, payload)
+    write_json(payload, args.out)
     print(f"\nverification {'passed' if all_ok else 'FAILED'}; {elapsed:.1f} s; wrote {args.out}")
     return 0 if all_ok else 1
 

@@ -8,7 +8,6 @@ model) print one line naming the problem and exit with status 2.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path

@@ -9,7 +9,6 @@ Everything is checked before anything changes, so a failed ``convert`` leaves th
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from . import compat

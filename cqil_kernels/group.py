@@ -23,7 +23,6 @@ from __future__ import annotations
 import sys
 
 import torch
-from torch import nn
 
 from . import compat
 from .families import Family, sliding_window_of

@@ -45,20 +45,62 @@ def write_json(data, path) -> Path:
     return path
 
 
-def environment() -> dict:
-    """Versions and machine, recorded next to every measurement."""
-    import torch
-    import transformers
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
-    return {
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
+
+def git_revision() -> str:
+    """HEAD of the checkout this package runs from ("-dirty" with uncommitted changes), or "unknown"."""
+    import subprocess
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return (rev or "unknown") + ("-dirty" if rev and dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def environment(device=None) -> dict:
+    """Device, versions, git revision and time, recorded next to every measurement.
+
+    ``device``: where the measurement ran ("cpu", "cuda", "cuda:1"); None = CUDA device 0 when
+    there is one, else the CPU. Numbers without the card and versions cannot be compared.
+    """
+    import datetime as _dt
+
+    import torch
+
+    info = {
+        "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "git_revision": git_revision(),
         "python": platform.python_version(),
-        "machine": platform.machine(),
-        "processor": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "cpu": _cpu_name(),
         "cpu_threads": torch.get_num_threads(),
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
+    for mod in ("triton", "transformers"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except Exception:
+            info[mod] = None
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if str(device).startswith("cuda"):
+        info["device"] = torch.cuda.get_device_name(torch.device(device))
+        info["cuda"] = torch.version.cuda
+    else:
+        info["device"] = f"CPU: {info['cpu']}"
+    return info
 
 
 def _figure(width: float, height: float):
