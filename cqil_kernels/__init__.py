@@ -6,6 +6,7 @@ handlers and never touches CUDA. Triton kernels are imported only when a Triton 
 
 from .analysis import GroupCost, LayerAnalysis, analyze
 from .conversion import convert, from_pretrained, get_plan, is_converted, revert
+from .distill import DistillResult, distill
 from .engine import DecodeEngine, generate
 from .evaluate import EvalResult, base_log_probs, compare_plans, evaluate, plan_applied
 from .loading import load_model
@@ -43,5 +44,8 @@ __all__ = [
     "GroupCost",
     "search",
     "SearchResult",
+    # recovering quality after conversion
+    "distill",
+    "DistillResult",
     "__version__",
 ]

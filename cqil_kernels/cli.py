@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+from .distill import add_distill_arguments, run_distill_from_args  # peft is imported only when distilling
+
 __all__ = ["main", "build_parser", "generate_text"]
 
 EXIT_USAGE = 2
@@ -88,6 +90,7 @@ def _search_args(parser: argparse.ArgumentParser, groups_default: int | None) ->
                    help="contiguous windows measured for comparison (default 4; -1: all)")
 
 
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m cqil_kernels",
@@ -156,7 +159,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help="prompt for the generated sample")
     p.add_argument("--max-new-tokens", type=_positive_int, default=32, help="tokens to generate (default 32)")
     p.add_argument("--out", default="reports", help="report folder (default reports/)")
+    add_distill_arguments(p, default_steps=0)
     p.set_defaults(func=cmd_main)
+
+    p = sub.add_parser("distill", help="recover quality: LoRA + KL distillation of a converted plan",
+                       description="Convert to --plan, train LoRA adapters on calibration text to match "
+                       "the unconverted model (KL), merge them, evaluate on --eval-text before and after, "
+                       "and save the converted model to --out (reload with cqil_kernels.from_pretrained).")
+    _common(p, seq_len=1024, max_windows=4)
+    p.add_argument("--plan", required=True, help="plan JSON")
+    p.add_argument("--text", "--calib-text", dest="text", default=None,
+                   help="distillation text (default: built-in text, calibration half)")
+    p.add_argument("--eval-text", default=None, help="evaluation text (default: built-in text, evaluation half)")
+    p.add_argument("--out", default=None, help="save the distilled converted model here (save_pretrained)")
+    add_distill_arguments(p, default_steps=200)
+    p.set_defaults(func=cmd_distill)
     return parser
 
 
@@ -419,6 +436,17 @@ def cmd_main(args) -> int:
             samples[name] = generate_text(model, tok, args.prompt, args.max_new_tokens)
     timings["generate"] = time.perf_counter() - t0
 
+    # Optional: recover quality with LoRA + KL distillation. After it, reverting no longer gives the
+    # original model, so it runs after everything that needs the original (base numbers, samples);
+    # its before/after numbers are measured against the original's log-probs.
+    distilled = None
+    if args.distill_steps > 0:
+        t0 = time.perf_counter()
+        with plan_applied(model, plan, args.backend):
+            dres = run_distill_from_args(args, model, tok, plan, eval_windows=evalw)
+        distilled = dres.after
+        timings["distill"] = time.perf_counter() - t0
+
     header = ["model", "groups", "layers", "seq. steps", "perplexity", "ppl %", "KL", "top-1",
               "fwd tok/s", "gen tok/s"]
     rows = [["base", "(none)", n, n, base.perplexity, 0.0, 0.0, 1.0, base.tokens_per_second,
@@ -430,6 +458,10 @@ def cmd_main(args) -> int:
         rows.append(["cqil (contiguous)", _groups_str(contiguous.groups), n, contiguous.num_sequential_steps(n),
                      evals[1].perplexity, evals[1].ppl_increase * 100, evals[1].kl, evals[1].top1_agreement,
                      evals[1].tokens_per_second, None])
+    if distilled is not None:
+        rows.append([f"cqil (search) + distilled {dres.steps} steps", _groups_str(plan.groups), n,
+                     plan.num_sequential_steps(n), distilled["perplexity"], distilled["ppl_increase"] * 100,
+                     distilled["kl"], distilled["top1_agreement"], None, None])
     table = format_table(header, rows)
     timings["total"] = time.perf_counter() - t_start
     report = {
@@ -445,6 +477,7 @@ def cmd_main(args) -> int:
             "search_plan": evals[0].to_dict(),
             "contiguous_plan": evals[1].to_dict() if contiguous is not None else None,
         },
+        "distillation": dres.to_dict() if distilled is not None else None,
         "samples": samples,
         "timings_s": timings,
         "table": table,
@@ -457,6 +490,22 @@ def cmd_main(args) -> int:
         print(f"--- {name}: {s['text']!r}")
     print(f"\nwall time {timings['total']:.0f} s; reports in {out}/ (main.json, plan.json, search.json, "
           "analysis.json, analysis.png)")
+    return 0
+
+
+def cmd_distill(args) -> int:
+    """convert to --plan -> LoRA + KL distillation -> held-out before/after -> save."""
+    model, tok = _load(args)
+    plan = _read_plan(args.plan, _num_layers(model))
+    evalw = _windows(args, tok, args.eval_text, "eval", args.max_windows)
+    res = run_distill_from_args(args, model, tok, plan, eval_windows=evalw)
+    before, after = res.before, res.after
+    print(f"distilled {res.steps} steps ({res.tokens_seen} tokens, {res.train_seconds:.0f} s): held-out perplexity "
+          f"+{before['ppl_increase']:.1%} -> +{after['ppl_increase']:.1%}, KL {before['kl']:.4f} -> {after['kl']:.4f}")
+    if args.out:
+        model.save_pretrained(args.out)
+        tok.save_pretrained(args.out)
+        print(f"saved the distilled converted model to {args.out}")
     return 0
 
 

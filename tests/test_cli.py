@@ -96,6 +96,31 @@ def test_main_job(tiny_dir, text_file, tmp_path, capsys):
     assert "seq. steps" in printed and "cqil (search)" in printed
 
 
+
+def test_main_job_with_distillation(tiny_dir, text_file, tmp_path, capsys):
+    out = tmp_path / "reports"
+    assert run("main", "--model", tiny_dir, "--calib-text", text_file, "--groups", 1, "--calib-windows", 2,
+               "--eval-windows", 2, "--max-new-tokens", 2, "--beam", 1, "--out", out,
+               "--distill-steps", 3, "--distill-seq-len", 24, "--distill-windows", 4, "--distill-batch-size", 2,
+               *FAST) == 0
+    report = json.loads((out / "main.json").read_text())
+    assert report["distillation"]["steps"] == 3
+    assert "distilled 3 steps" in capsys.readouterr().out
+
+
+def test_distill_command_saves_a_reloadable_converted_model(tiny_dir, text_file, tmp_path, capsys):
+    import cqil_kernels as ck
+
+    plan = tmp_path / "plan.json"
+    ck.CQILPlan([[2, 3]]).to_json(plan)
+    out = tmp_path / "distilled"
+    assert run("distill", "--model", tiny_dir, "--plan", plan, "--text", text_file, "--eval-text", text_file,
+               "--max-windows", 2, "--distill-steps", 4, "--distill-seq-len", 24, "--distill-windows", 4,
+               "--distill-batch-size", 2, "--out", out, *FAST) == 0
+    assert "held-out perplexity" in capsys.readouterr().out
+    model = ck.from_pretrained(out, backend="torch")
+    assert ck.get_plan(model) == ck.CQILPlan([[2, 3]])
+
 @pytest.mark.parametrize(
     "argv, message",
     [
