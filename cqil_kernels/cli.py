@@ -159,8 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help="prompt for the generated sample")
     p.add_argument("--max-new-tokens", type=_positive_int, default=32, help="tokens to generate (default 32)")
     p.add_argument("--out", default="reports", help="report folder (default reports/)")
-    add_distill_arguments(p, default_steps=0)
-    p.set_defaults(func=cmd_main)
+    # On by default: the measured setting that recovers most within the CPU budget (SmolLM2, 4 pairs:
+    # +24.7% -> +16.9% held-out perplexity, 60 steps on all layers, ~4 min); --distill-steps 0 skips it.
+    add_distill_arguments(p, default_steps=60)
+    p.set_defaults(func=cmd_main, distill_lr=1e-3, distill_target="all")
 
     p = sub.add_parser("distill", help="recover quality: LoRA + KL distillation of a converted plan",
                        description="Convert to --plan, train LoRA adapters on calibration text to match "

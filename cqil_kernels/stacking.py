@@ -111,7 +111,9 @@ class StackedWeights:
             param.data = view  # the Parameter object stays; its storage becomes the buffer's slice
             new_aliases.append(_Alias(parent, child, module, param_name, param, view))
 
-        with torch.no_grad():
+        # inference_mode(False): a (re)stack can happen inside an inference_mode forward, and
+        # parameters re-pointed at inference tensors could never be trained again.
+        with torch.inference_mode(False), torch.no_grad():
             self.qkv_weight = torch.empty(P * N, H, device=dev, dtype=dt)
             has_bias = attn0.q_proj.bias is not None
             self.qkv_bias = torch.empty(P * N, device=dev, dtype=dt) if has_bias else None

@@ -85,7 +85,7 @@ def test_search_with_budget_and_saved_analysis(tiny_dir, text_file, tmp_path):
 def test_main_job(tiny_dir, text_file, tmp_path, capsys):
     out = tmp_path / "reports"
     assert run("main", "--model", tiny_dir, "--calib-text", text_file, "--groups", 2, "--calib-windows", 2,
-               "--eval-windows", 2, "--max-new-tokens", 4, "--beam", 2, "--out", out, *FAST) == 0
+               "--eval-windows", 2, "--max-new-tokens", 4, "--beam", 2, "--out", out, "--distill-steps", 0, *FAST) == 0
     for name in ("main.json", "plan.json", "search.json", "analysis.json", "analysis.png"):
         assert (out / name).is_file(), name
     report = json.loads((out / "main.json").read_text())

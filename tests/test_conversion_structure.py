@@ -137,3 +137,16 @@ def test_plan_from_dict_and_base_model():
     base = model.model  # a MistralModel: converts too
     ck.convert(base, {"groups": [[2, 3]], "bypass": 0}, backend="torch")
     assert ck.is_converted(model) and len(decoder_layers(base)) == 6
+
+
+def test_conversion_inside_inference_mode_leaves_trainable_parameters():
+    """Stacking under torch.inference_mode must not turn parameters into inference tensors."""
+    model = make_tiny("llama", num_layers=6)
+    with torch.inference_mode():
+        ck.convert(model, PLAN, backend="torch")
+        model(batch())
+    ck.revert(model)
+    assert not any(p.is_inference() for p in model.parameters())
+    model.train()
+    model(batch(), labels=batch()).loss.backward()
+    assert model.model.layers[1].self_attn.q_proj.weight.grad is not None
