@@ -192,29 +192,17 @@ def decode_attention_reference(
     scale: Optional[float] = None,
     compute_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """Torch reference of the decode attention, computed in ``compute_dtype``; the fallback.
+    """The ops' torch reference (``cqil_kernels.ops.decode_attention_reference``) run in
+    ``compute_dtype``, with this module's defaults (kv_len = S, scale = D**-0.5); the fallback.
 
-    Rows with no key to attend to (kv_len == 0 or all masked) give zeros, as the kernels do.
-    Returns [B, P*nh, D] in q's dtype.
+    Rows with no key to attend to give zeros, as the kernels do. Returns [B, P*nh, D] in q's dtype.
     """
-    P = len(k_caches)
-    B, HQ, D = q.shape
-    nh, nkv, S = HQ // P, k_caches[0].shape[1], k_caches[0].shape[2]
-    kv_len = S if kv_len is None else kv_len
-    scale = 1.0 / math.sqrt(D) if scale is None else scale
-    valid = torch.ones(B, kv_len, dtype=torch.bool, device=q.device)
-    if kv_mask is not None:
-        valid &= kv_mask[:, :kv_len].bool()
-    outs = []
-    for j in range(P):
-        qj = q[:, j * nh : (j + 1) * nh].to(compute_dtype)
-        kj = k_caches[j][:, :, :kv_len].to(compute_dtype).repeat_interleave(nh // nkv, dim=1)
-        vj = v_caches[j][:, :, :kv_len].to(compute_dtype).repeat_interleave(nh // nkv, dim=1)
-        scores = torch.einsum("bhd,bhsd->bhs", qj, kj) * scale
-        scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
-        probs = torch.softmax(scores, dim=-1).nan_to_num(nan=0.0)  # all -inf rows: zeros
-        outs.append(torch.einsum("bhs,bhsd->bhd", probs, vj))
-    return torch.cat(outs, dim=1).to(q.dtype)
+    from .ops import decode_attention_reference as reference
+
+    kv_len = k_caches[0].shape[2] if kv_len is None else kv_len
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    up = [t.to(compute_dtype) for t in k_caches], [t.to(compute_dtype) for t in v_caches]
+    return reference(q.to(compute_dtype), up[0], up[1], kv_mask, kv_len, scale).to(q.dtype)
 
 
 def decode_attention_cpu(

@@ -31,11 +31,13 @@ from __future__ import annotations
 import json
 import math
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+from .evaluate import skip_layers
 
 __all__ = ["DistillResult", "distill", "add_distill_arguments", "run_distill_from_args", "LORA_TARGETS"]
 
@@ -104,28 +106,6 @@ class DistillResult:
 
 
 # ------------------------------------------------------------------------------------ helpers
-class _PassThrough(torch.nn.Module):
-    """Stands in for a frozen layer whose output is already known."""
-
-    def forward(self, hidden_states, *args, **kwargs):
-        from .compat import layer_output
-
-        return layer_output(hidden_states)
-
-
-@contextmanager
-def _skip_layers(layers, count: int):
-    """Replace ``layers[:count]`` by pass-throughs for the block (same list length and indices)."""
-    saved = [layers[i] for i in range(count)]
-    try:
-        for i in range(count):
-            layers[i] = _PassThrough()
-        yield
-    finally:
-        for i, layer in enumerate(saved):
-            layers[i] = layer
-
-
 def _capture_input(layer):
     """Context: records the hidden states [b, T, H] entering ``layer`` into the returned list."""
     sink = []
@@ -313,7 +293,7 @@ def distill(
             # forward of the converted model (not so for models that scale embeddings inside
             # forward, e.g. Gemma): otherwise run full forwards.
             ref = model(input_ids=windows.input_ids[:1].to(device), use_cache=False).logits.float()
-            with _skip_layers(layers, prefix):
+            with skip_layers(layers, prefix):
                 got = model(inputs_embeds=prefix_h[0][None], use_cache=False).logits.float()
             scale = float(ref.abs().max()) or 1.0
             if not torch.allclose(got, ref, rtol=0.0, atol=1e-3 * scale):
@@ -367,7 +347,7 @@ def distill(
                     tl = pm(input_ids=ids, use_cache=False).logits.float()
                     tlogp = F.log_softmax(tl / temperature, dim=-1)
                     del tl
-            with _skip_layers(inner_layers, prefix) if prefix else nullcontext():
+            with skip_layers(inner_layers, prefix) if prefix else nullcontext():
                 if prefix:
                     h = torch.stack([prefix_h[i] for i in idx])
                     logits = pm(inputs_embeds=h, use_cache=False).logits

@@ -201,9 +201,12 @@ class _PassThrough(torch.nn.Module):
 
 
 @contextmanager
-def _skip_layers(model, count: int):
-    """Replace the first ``count`` decoder layers by pass-throughs (same list length and indices)."""
-    layers = decoder_layers(model)
+def skip_layers(layers, count: int):
+    """Replace ``layers[:count]`` (a decoder-layer ModuleList) by pass-throughs for the block.
+
+    The list keeps its length and indices (masks and caches are chosen by layer index), so a
+    forward from saved hidden states of layer ``count`` computes only the layers after it.
+    """
     saved = [layers[i] for i in range(count)]
     try:
         for i in range(count):
@@ -228,7 +231,7 @@ def _prefix_reuse_ok(model, ids, mask, layer: int, hidden: torch.Tensor, referen
     gives the logits of the full forward (it will not for a model that scales its embeddings
     inside forward, or a layer list the model does not iterate)."""
     if model not in _PREFIX_OK:
-        with _skip_layers(model, layer):
+        with skip_layers(decoder_layers(model), layer):
             logits = _scored_logits(model, ids, mask, inputs_embeds=hidden)
         scale = float(reference.abs().max()) or 1.0
         _PREFIX_OK[model] = bool(torch.allclose(logits, reference, rtol=0.0, atol=1e-3 * scale))
@@ -350,7 +353,7 @@ def compare_plans(
                 _set_plan(model, plan, backend)
                 t0 = time.perf_counter()
                 if first > 0:
-                    with _skip_layers(model, first):
+                    with skip_layers(decoder_layers(model), first):
                         logits = _scored_logits(model, ids, mask, inputs_embeds=sink[first])
                 else:
                     logits = _scored_logits(model, ids, mask)
