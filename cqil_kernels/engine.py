@@ -92,6 +92,10 @@ class DecodeEngine:
         shape = (self.num_layers, self.max_batch_size, self.num_kv_heads, self.max_length, self.head_dim)
         self.k_cache = torch.zeros(shape, device=self.device, dtype=self.dtype)
         self.v_cache = torch.zeros(shape, device=self.device, dtype=self.dtype)
+        from .ops import decode_attention, decode_attention_reference
+
+        # the torch backend is torch end to end (its reference), not "Triton where it can run"
+        self._decode_attention = decode_attention_reference if self.backend == "torch" else decode_attention
         self._build_segments()
         self._graphs: dict[int, tuple] = {}
         self._pool = None
@@ -132,24 +136,11 @@ class DecodeEngine:
         """x2d [B*T, H] -> [B*T, H]; ``attend(q, k, v, layer_indices)`` does cache and attention."""
         g = seg.group
         stacked = g.use_stacked()
-        ops = seg.ops if stacked else None
-        q, k, v = g.project_qkv(x2d, stacked) if ops is None else self._with_ops(g, ops, g.project_qkv, x2d, stacked)
+        q, k, v = g.project_qkv(x2d, stacked, seg.ops)
         q, k, v = g.heads_first(q, k, v, B, T)
         q, k = g.rotary(q, k, cos, sin)
         attn = attend(g, q, k, v, seg.layer_indices)  # [P, B*T, nh*D]
-        if ops is None:
-            return g.finish(x2d, attn, stacked)
-        return self._with_ops(g, ops, g.finish, x2d, attn, stacked)
-
-    @staticmethod
-    def _with_ops(group, ops, fn, *args):
-        # a converted group keeps its own backend for model.forward; the engine runs its own
-        saved = group._ops
-        group._ops = ops
-        try:
-            return fn(*args)
-        finally:
-            group._ops = saved
+        return g.finish(x2d, attn, stacked, seg.ops)
 
     def _write_cache(self, layer_indices, k, v, B, slot_index):
         """k/v [B, P*nkv, T, D] into each layer's cache slot(s) ``slot_index`` (long [T])."""
@@ -213,7 +204,7 @@ class DecodeEngine:
         kv_mask.index_fill_(1, slot, True)  # the new token attends to itself
         x = self.inner.embed_tokens(st["tok"])
         cos, sin = self.inner.rotary_emb(x, st["pos"])
-        decode_attention = self._decode_attention_fn()
+        decode_attention = self._decode_attention
 
         def attend(g, q, k, v, layer_indices):
             self._write_cache(layer_indices, k, v, B, slot)
@@ -229,12 +220,6 @@ class DecodeEngine:
         st["pos"].add_(1)
         slot.add_(1)
         return logits
-
-    def _decode_attention_fn(self):
-        # the torch backend is torch end to end (its reference), not "Triton where it can run"
-        from .ops import decode_attention, decode_attention_reference
-
-        return decode_attention_reference if self.backend == "torch" else decode_attention
 
     def _graph_step(self, B: int):
         """Replay the captured step for batch B, capturing it on first use (that call runs eagerly)."""

@@ -87,7 +87,8 @@ class CQILGroup:
         return len(self.layers)
 
     # ------------------------------------------------------------------ path choice
-    def _use_stacked(self) -> bool:
+    def use_stacked(self) -> bool:
+        """Whether this call can run the grouped kernels on the stacked buffers (restacks if stale)."""
         if self.stack is None:
             return False
         if torch.is_grad_enabled() and any(a.param.requires_grad for a in self.stack.aliases):
@@ -129,11 +130,9 @@ class CQILGroup:
         return out.view(B, T, H)
 
     # ------------------------------------------------------------------ stages (also used by the decode engine)
-    def use_stacked(self) -> bool:
-        """Whether this call can run the grouped kernels on the stacked buffers (restacks if stale)."""
-        return self._use_stacked()
-
-    def project_qkv(self, x: torch.Tensor, stacked: bool):
+    # ``ops``: the op set of the stacked path; None = this group's backend (the decode engine
+    # passes its own, so a group converted with one backend can run in an engine of another).
+    def project_qkv(self, x: torch.Tensor, stacked: bool, ops=None):
         """Shared input x [M, H] -> q [M, P, nh, D], k and v [M, P, nkv, D] (Qwen3 q/k norm applied).
 
         Step 1-2 of the decomposition: one GEMM over the N-concatenated q/k/v weights of the P
@@ -141,9 +140,10 @@ class CQILGroup:
         """
         M = x.shape[0]
         P, nh, nkv, D = self.size, self.num_heads, self.num_kv_heads, self.head_dim
+        ops = ops or self.ops()
         if stacked:
             s = self.stack
-            qkv = self.ops().qkv_gemm(x, s.input_norm, s.qkv_weight, s.qkv_bias, self._eps("input_layernorm"))
+            qkv = ops.qkv_gemm(x, s.input_norm, s.qkv_weight, s.qkv_bias, self._eps("input_layernorm"))
             q, k, v = qkv.view(M, P, (nh + 2 * nkv) * D).split([nh * D, nkv * D, nkv * D], dim=-1)
         else:
             parts = []
@@ -156,7 +156,7 @@ class CQILGroup:
         k = k.reshape(M, P, nkv, D)
         v = v.reshape(M, P, nkv, D)
         if self.family.qk_norm:
-            q, k = self._qk_norm(q, k, stacked)
+            q, k = self._qk_norm(q, k, stacked, ops)
         return q, k, v
 
     def heads_first(self, q, k, v, B: int, T: int):
@@ -167,15 +167,16 @@ class CQILGroup:
         v = v.reshape(B, T, P * nkv, D).transpose(1, 2)
         return q, k, v
 
-    def finish(self, x: torch.Tensor, attn_out: torch.Tensor, stacked: bool) -> torch.Tensor:
+    def finish(self, x: torch.Tensor, attn_out: torch.Tensor, stacked: bool, ops=None) -> torch.Tensor:
         """x [M, H] and attention outputs [P, M, nh*D] -> group output [M, H].
 
         Steps 5-7: o_proj per layer (batched GEMM), the bypass, per-layer post-norm + gate/up with
         SiLU*up fused, and one down-projection GEMM over the K-concatenation whose K reduction is
         the sum over layers, with the residual and the attention outputs added in its epilogue.
         """
+        ops = ops or self.ops()
         if stacked:
-            a = self.ops().batched_gemm(attn_out.contiguous(), self.stack.o_weight, None)
+            a = ops.batched_gemm(attn_out.contiguous(), self.stack.o_weight, None)
         else:
             a = torch.stack([layer.self_attn.o_proj(attn_out[j]) for j, layer in enumerate(self.layers)])
         # bypass: layer j's MLP input also gets the d attention outputs before it in the group
@@ -184,8 +185,8 @@ class CQILGroup:
             u = torch.cat([u[:i], u[i:] + a[:-i]], dim=0)
         if stacked:
             s = self.stack
-            m = self.ops().gate_up_silu(u.contiguous(), s.post_norm, s.gate_up_weight, self._eps("post_attention_layernorm"))
-            return self.ops().down_sum(m, s.down_weight, x, a)
+            m = ops.gate_up_silu(u.contiguous(), s.post_norm, s.gate_up_weight, self._eps("post_attention_layernorm"))
+            return ops.down_sum(m, s.down_weight, x, a)
         out = x + a.sum(0)
         for j, layer in enumerate(self.layers):
             out = out + layer.mlp(layer.post_attention_layernorm(u[j]))
@@ -196,12 +197,12 @@ class CQILGroup:
         norm = getattr(self.layers[0], norm_name)
         return float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
 
-    def _qk_norm(self, q, k, stacked: bool):
+    def _qk_norm(self, q, k, stacked: bool, ops):
         """q [M, P, nh, D], k [M, P, nkv, D]: each layer's per-head RMSNorm (Qwen3)."""
         if stacked:
             eps = float(self.layers[0].self_attn.q_norm.variance_epsilon)
-            q = self.ops().rms_norm(q, self.stack.q_norm[:, None, :], eps)
-            k = self.ops().rms_norm(k, self.stack.k_norm[:, None, :], eps)
+            q = ops.rms_norm(q, self.stack.q_norm[:, None, :], eps)
+            k = ops.rms_norm(k, self.stack.k_norm[:, None, :], eps)
             return q, k
         qs = [layer.self_attn.q_norm(q[:, j]) for j, layer in enumerate(self.layers)]
         ks = [layer.self_attn.k_norm(k[:, j]) for j, layer in enumerate(self.layers)]
