@@ -15,11 +15,14 @@ from .decode_attention import decode_attention, decode_attention_reference
 from .down_sum import down_sum, down_sum_reference
 from .gate_up import gate_up_silu, gate_up_silu_reference
 from .qkv_gemm import qkv_gemm, qkv_gemm_reference
+from .qkv_rope_cache import qkv_rope_cache, qkv_rope_cache_reference
 
 __all__ = [
     "triton_usable",
     "qkv_gemm",
     "qkv_gemm_reference",
+    "qkv_rope_cache",
+    "qkv_rope_cache_reference",
     "batched_gemm",
     "batched_gemm_reference",
     "gate_up_silu",

@@ -92,17 +92,21 @@ def _qkv_gemm_kernel(
                  acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
-def qkv_gemm_triton(x, norm_weight, weight, bias, eps, *, out=None, split_k=None):
-    """Launch the Triton kernel. ``out`` (optional, [M, P*N] in x.dtype) is written in full;
-    ``split_k`` overrides the heuristic (tests use it to cover both paths)."""
+def qkv_gemm_launch(x, norm_weight, weight, bias, eps, dest, split_k=None):
+    """Launch the GEMM kernel only. Returns ``(splits, ws, ss)``.
+
+    With one split the kernel writes the finished result (rstd and bias applied) into ``dest``
+    ([M, P*N], any float dtype) and ``ws`` / ``ss`` are None. With more, ``ws`` holds the fp32
+    partial dots [splits, M, P*N] and ``ss`` the partial sums of squares [splits, M] (None without
+    a norm); the caller's epilogue (``splitk_reduce``, or a consumer kernel such as
+    ``qkv_rope_cache``) must sum them and apply rstd and bias.
+    """
     M, K = x.shape
     PN = weight.shape[0]
     P = norm_weight.shape[0] if norm_weight is not None else 1
     if weight.shape[1] != K or PN % P:
         raise ValueError(f"weight {tuple(weight.shape)} does not match x {tuple(x.shape)} and P={P}")
     N = PN // P
-    out = check_out(out, (M, PN), x)
-    kout = kernel_out(out)
     cfg = gemm_blocks(M, x)  # also readies the interpreter on CPU
     BM, BN, BK = cfg["BM"], cfg["BN"], cfg["BK"]
     nb = cdiv(N, BN)
@@ -112,22 +116,33 @@ def qkv_gemm_triton(x, norm_weight, weight, bias, eps, *, out=None, split_k=None
     has_norm = norm_weight is not None
     if splits > 1:
         ws = workspace((splits, M, PN), x)
-        ss = workspace((splits, M), x) if has_norm else ws
+        ss = workspace((splits, M), x) if has_norm else None
     else:
-        ws = ss = kout
+        ws = ss = None
     nw = norm_weight if has_norm else weight
     b = bias if bias is not None else weight
     _qkv_gemm_kernel[(mb, nb * P, splits)](
-        x, nw, weight, b, kout, ws, ss,
+        x, nw, weight, b, dest, ws if ws is not None else dest, ss if ss is not None else dest,
         M, N, K, nb, per_split * BK, PN, 1.0 / K, float(eps),
         *x.stride(), *(nw.stride() if has_norm else (0, 0)), *weight.stride(),
-        b.stride(0) if bias is not None else 0, *kout.stride(),
+        b.stride(0) if bias is not None else 0, *dest.stride(),
         HAS_NORM=has_norm, HAS_BIAS=bias is not None, SPLIT=splits > 1,
         UPCAST=upcast, DOT_PREC=prec, BM=BM, BN=BN, BK=BK,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
+    return splits, ws, ss
+
+
+def qkv_gemm_triton(x, norm_weight, weight, bias, eps, *, out=None, split_k=None):
+    """Launch the Triton kernel(s). ``out`` (optional, [M, P*N] in x.dtype) is written in full;
+    ``split_k`` overrides the heuristic (tests use it to cover both paths)."""
+    M, K = x.shape
+    PN = weight.shape[0]
+    out = check_out(out, (M, PN), x)
+    kout = kernel_out(out)
+    splits, ws, ss = qkv_gemm_launch(x, norm_weight, weight, bias, eps, kout, split_k)
     if splits > 1:
-        splitk_reduce(ws, kout, splits=splits, ss=ss if has_norm else None, inv_k=1.0 / K,
+        splitk_reduce(ws, kout, splits=splits, ss=ss, inv_k=1.0 / K,
                       eps=float(eps), bias2d=None if bias is None else bias.view(1, PN),
                       rows_per_bias=max(M, 1))
     return finish_out(out, kout)
