@@ -159,6 +159,22 @@ class CQILGroup:
             q, k = self._qk_norm(q, k, stacked, ops)
         return q, k, v
 
+    def qkv_rope_cache(self, x, cos, sin, k_cache, v_cache, slot, tokens_per_seq: int, ops=None):
+        """Static-cache form of steps 1-3 (decode engine; stacked path only): x [M, H] -> rotated
+        q [M, P*nh, D]; each layer's k (normed for Qwen3, rotated) and v written into the
+        [L, B, nkv, S, D] caches at its own layer index and slots ``slot[0] + t``.
+
+        cos/sin: [M, D] (full-width rotary). Two kernels with the Triton op set, instead of the
+        reduction, layout copies, RoPE expressions and per-layer cache writes of the stages above.
+        """
+        ops = ops or self.ops()
+        s = self.stack
+        qk_eps = float(self.layers[0].self_attn.q_norm.variance_epsilon) if self.family.qk_norm else 0.0
+        return ops.qkv_rope_cache(
+            x, s.input_norm, s.qkv_weight, s.qkv_bias, self._eps("input_layernorm"), cos, sin, s.q_norm, s.k_norm,
+            qk_eps, k_cache, v_cache, self.indices[0], slot, tokens_per_seq, self.num_heads,
+        )
+
     def heads_first(self, q, k, v, B: int, T: int):
         """[B*T, P, heads, D] -> [B, P*heads, T, D]: the group's heads as one attention's heads."""
         P, nh, nkv, D = self.size, self.num_heads, self.num_kv_heads, self.head_dim
@@ -176,17 +192,19 @@ class CQILGroup:
         """
         ops = ops or self.ops()
         if stacked:
-            a = ops.batched_gemm(attn_out.contiguous(), self.stack.o_weight, None)
+            # strided [P, M, nh*D] views are fine: the kernel and bmm take strides (no copy kernel)
+            a = ops.batched_gemm(attn_out, self.stack.o_weight, None)
         else:
             a = torch.stack([layer.self_attn.o_proj(attn_out[j]) for j, layer in enumerate(self.layers)])
         # bypass: layer j's MLP input also gets the d attention outputs before it in the group
-        u = x.unsqueeze(0) + a
-        for i in range(1, self.bypass + 1):
-            u = torch.cat([u[:i], u[i:] + a[:-i]], dim=0)
         if stacked:
             s = self.stack
-            m = ops.gate_up_silu(u.contiguous(), s.post_norm, s.gate_up_weight, self._eps("post_attention_layernorm"))
+            # gate_up_silu forms u_j = x + a_j + a_{j-1} .. a_{j-d} itself (no elementwise kernels)
+            m = ops.gate_up_silu(a, s.post_norm, s.gate_up_weight, self._eps("post_attention_layernorm"), x, self.bypass)
             return ops.down_sum(m, s.down_weight, x, a)
+        from .ops.gate_up import mlp_inputs_reference  # lazy: importing the ops imports Triton
+
+        u = mlp_inputs_reference(x, a, self.bypass)
         out = x + a.sum(0)
         for j, layer in enumerate(self.layers):
             out = out + layer.mlp(layer.post_attention_layernorm(u[j]))

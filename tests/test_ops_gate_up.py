@@ -22,15 +22,20 @@ def _inputs(P, M, H, I, dtype, device, norm=True, seed=0):
     return u, nw, w
 
 
-def _check(device, dtype, P, M, H, I, norm, split_k, seed=0):
+def _check(device, dtype, P, M, H, I, norm, split_k, seed=0, residual=False, bypass=0, strided=False):
+    """residual: u holds attention outputs and the kernel forms h + a_j (+ bypass) itself."""
     from cqil_kernels.ops.gate_up import gate_up_silu_reference, gate_up_silu_triton
 
     u, nw, w = _inputs(P, M, H, I, dtype, device, norm, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    res = randn(M, H, dtype=dtype, device=device, scale=3.0, generator=g) if residual else None
+    if strided:  # [P, M, H] as a transposed view of [M, P, H] (the engine's attention layout)
+        u = u.transpose(0, 1).contiguous().transpose(0, 1)
     out = nan_empty((P, M, I), dtype, device)
-    assert gate_up_silu_triton(u, nw, w, EPS, out=out, split_k=split_k) is out
+    assert gate_up_silu_triton(u, nw, w, EPS, res, bypass, out=out, split_k=split_k) is out
     hi = hi_dtype(dtype)
-    ref_hi = gate_up_silu_reference(upcast(u, hi), upcast(nw, hi), upcast(w, hi), EPS)
-    assert_error_budget(out, ref_hi, gate_up_silu_reference(u, nw, w, EPS))
+    ref_hi = gate_up_silu_reference(upcast(u, hi), upcast(nw, hi), upcast(w, hi), EPS, upcast(res, hi), bypass)
+    assert_error_budget(out, ref_hi, gate_up_silu_reference(u, nw, w, EPS, res, bypass))
 
 
 CASES = [  # P, M, H, I, norm, split_k
@@ -64,10 +69,52 @@ def test_gate_up_silu_fuzz(device, P, M, H, I, norm, split_k, dtype, seed):
     _check(device, dtype, P, M, H, I, norm, split_k, seed=seed)
 
 
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+@pytest.mark.parametrize("P,M,H,I,bypass,split_k,strided", [
+    (1, 1, 63, 7, 0, None, False),
+    (2, 3, 40, 36, 1, 2, True),
+    (3, 1, 70, 33, 2, 3, False),
+    (4, 16, 33, 20, 1, 1, True),
+    (4, 5, 129, 7, 3, 4, False),
+])
+def test_gate_up_silu_forms_mlp_input_with_bypass(device, dtype, P, M, H, I, bypass, split_k, strided):
+    _check(device, dtype, P, M, H, I, True, split_k, residual=True, bypass=bypass, strided=strided)
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(P=st.integers(1, 4), M=st.integers(1, 20), H=st.integers(1, 70), I=st.integers(1, 30), data=st.data(),
+       split_k=st.integers(1, 4), seed=st.integers(0, 2**16))
+def test_gate_up_silu_residual_fuzz(device, P, M, H, I, data, split_k, seed):
+    bypass = data.draw(st.integers(0, P - 1))
+    _check(device, torch.float32, P, M, H, I, True, split_k, seed=seed, residual=True, bypass=bypass)
+
+
+def test_gate_up_silu_mlp_input_reference_is_the_group_semantics():
+    """u_j = h + a_j + sum_{i=1..min(d, j)} a_{j-i} (design.md section 1)."""
+    from cqil_kernels.ops.gate_up import mlp_inputs_reference
+
+    h, a = torch.randn(3, 5, dtype=torch.float64), torch.randn(4, 3, 5, dtype=torch.float64)
+    for d in range(4):
+        want = torch.stack([h + sum(a[j - i] for i in range(min(d, j) + 1)) for j in range(4)])
+        torch.testing.assert_close(mlp_inputs_reference(h, a, d), want)
+
+
+@pytest.mark.parametrize("residual_shape,bypass,match", [((3, 7), 0, "residual must be"), ((3, 40), 2, "bypass"),
+                                                         (None, 1, "bypass")])
+def test_gate_up_silu_residual_errors(device, residual_shape, bypass, match):
+    from cqil_kernels.ops import gate_up_silu
+
+    u, nw, w = _inputs(2, 3, 40, 12, torch.float32, device)
+    res = None if residual_shape is None else torch.zeros(residual_shape, device=device)
+    with pytest.raises(ValueError, match=match):
+        gate_up_silu(u, nw, w, EPS, res, bypass)
+
+
 def test_gate_up_silu_opcheck(device):
     u, nw, w = _inputs(2, 3, 40, 12, torch.float32, device)
     torch.library.opcheck(torch.ops.cqil.gate_up_silu.default, (u, nw, w, EPS))
     torch.library.opcheck(torch.ops.cqil.gate_up_silu.default, (u, None, w, EPS))
+    torch.library.opcheck(torch.ops.cqil.gate_up_silu.default, (u, nw, w, EPS, u[0].clone(), 1))
 
 
 @pytest.mark.parametrize("H,I,M,P", [
