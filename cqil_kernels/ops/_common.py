@@ -46,6 +46,12 @@ INTERPRETED_AT_IMPORT = os.environ.get("TRITON_INTERPRET") == "1"
 # Tests flip this to fill split-K workspaces with NaN, so a split that skips its slice cannot pass.
 POISON_WORKSPACE = False
 
+# When set, launch heuristics size grids for this many SMs instead of asking the device (1 under
+# the interpreter) and use the GPU's tile sizes under the interpreter too. Launch counting on the
+# CPU sets it to the H100's 132, so the interpreted run takes the same split decisions (and so
+# launches the same kernels) as the GPU would.
+SM_COUNT_OVERRIDE: int | None = None
+
 
 def triton_usable(device) -> bool:
     """True when a Triton kernel can run for tensors on ``device``.
@@ -133,6 +139,8 @@ def _sm_count(index: int) -> int:
 def sm_count(t: torch.Tensor) -> int:
     """Streaming multiprocessors of the tensor's GPU; 1 under the interpreter (no split by default,
     tests force split-K explicitly)."""
+    if SM_COUNT_OVERRIDE is not None:
+        return int(SM_COUNT_OVERRIDE)
     if t.device.type != "cuda":
         return 1
     return _sm_count(t.device.index if t.device.index is not None else torch.cuda.current_device())
@@ -156,8 +164,9 @@ def gemm_blocks(M: int, t: torch.Tensor) -> dict:
     several stages keep enough bytes in flight; larger M moves towards a compute tile. Fixed
     heuristics instead of autotuning: autotune would re-benchmark inside CUDA-graph capture and is
     very slow under the interpreter. To be tuned on the H100 (benchmarks/NOTES.md)."""
-    if interpreted(t):
-        # The interpreter's cost is per tl operation, so few large-ish tiles are cheapest.
+    if interpreted(t) and SM_COUNT_OVERRIDE is None:
+        # The interpreter's cost is per tl operation, so few large-ish tiles are cheapest. (With
+        # SM_COUNT_OVERRIDE the GPU's tiles are used, so a launch count matches the GPU's.)
         return dict(BM=16, BN=32, BK=32, num_warps=4, num_stages=1)
     if M <= 16:
         return dict(BM=16, BN=64, BK=128, num_warps=4, num_stages=4)

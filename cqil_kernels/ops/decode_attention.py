@@ -19,6 +19,7 @@ the split count and chunk size are derived from ``kv_len`` on the host.
 
 import torch
 
+from . import _common
 from ._common import (
     cdiv, check_out, compute_dtype, finish_out, interpreted, kernel_out, next_pow2, sm_count, tl,
     triton, use_triton, workspace,
@@ -198,7 +199,7 @@ def decode_attention_triton(q, k_caches, v_caches, kv_mask, kv_len, scale, *, ou
     out = check_out(out, (B, HQ, D), q)
     kout = kernel_out(out)
     interp = interpreted(q)
-    BLOCK_N = 32 if interp else 64
+    BLOCK_N = 32 if interp and _common.SM_COUNT_OVERRIDE is None else 64
     BLOCK_D = max(16, next_pow2(D))
     BLOCK_G = max(16, next_pow2(GROUP))
     n_blocks = max(1, cdiv(kv_len, BLOCK_N))

@@ -1,0 +1,82 @@
+"""LaunchCounter, and the decode step's launch budget: a group costs the same launches whatever P."""
+
+import pytest
+import torch
+
+import cqil_kernels as ck
+from cqil_kernels.launches import LaunchCounter
+from tiny_models import make_tiny
+
+
+def test_counts_working_aten_ops_not_views_or_allocations():
+    a, b = torch.randn(4, 6), torch.randn(4, 6)
+    with LaunchCounter() as c:
+        x = a + b                    # 1
+        y = x.view(6, 4).t()         # views: 0
+        torch.empty(10)              # allocation: 0
+        z = y.contiguous()           # copy: 1
+        z.mul_(2)                    # 1
+    assert c.total == 3, c.by_name
+    assert c.by_name["aten::add"] == 1 and c.syncs == 0
+
+
+def test_counts_host_syncs():
+    with LaunchCounter() as c:
+        torch.ones(3).sum().item()
+    assert c.syncs == 1
+
+
+@pytest.mark.interpreter
+def test_counts_triton_launches_not_the_interpreters_own_ops(device, monkeypatch):
+    from cqil_kernels.ops.qkv_gemm import qkv_gemm_triton
+
+    if device == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    x, nw, w = torch.randn(2, 40, device=device), torch.ones(2, 40, device=device), torch.randn(48, 40, device=device)
+    with LaunchCounter() as c:
+        qkv_gemm_triton(x, nw, w, None, 1e-6, split_k=2)
+    assert dict(c.by_name) == {"triton::_qkv_gemm_kernel": 1, "triton::_splitk_reduce_kernel": 1}
+    with LaunchCounter() as c:
+        qkv_gemm_triton(x, nw, w, None, 1e-6, split_k=1)
+    assert c.total == 1 and c.triton_launches() == 1
+
+
+def _step_launches(model, backend, device):
+    engine = ck.DecodeEngine(model, max_batch_size=2, max_length=24, backend=backend, cuda_graph=False)
+    ids = torch.randint(1, model.config.vocab_size, (2, 6), device=device)
+    tok = engine.prefill(ids, torch.ones_like(ids)).argmax(-1)
+    engine.step(tok)
+    with LaunchCounter() as c:
+        engine.step(tok)
+    return engine.num_sequential_steps, c
+
+
+MAIN_KERNELS = ("_qkv_gemm_kernel", "_rope_cache_kernel", "_decode_attn_kernel", "_batched_gemm_kernel",
+                "_gate_up_kernel", "_down_sum_kernel")
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_decode_step_launches_per_segment_do_not_grow_with_p(device, monkeypatch, family):
+    """With the Triton op set and H100-sized launch heuristics, one segment (a layer, or a group of
+    any P) launches each of the six fused kernels once (qkv GEMM, RoPE/cache, attention, o_proj,
+    gate_up, down), plus split-K reductions where the heuristic splits (at most 3); the rest of
+    the step is a fixed handful of launches; and the step needs no host synchronisation."""
+    from cqil_kernels.ops import _common
+
+    if device == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(_common, "SM_COUNT_OVERRIDE", 132)
+    fixed = set()
+    for groups in ([], [[1, 2]], [[0, 1, 2, 3]], [[0, 1], [2, 3, 4]]):
+        model = make_tiny(family, num_layers=6).to(device)
+        if groups:
+            ck.convert(model, ck.CQILPlan(groups=groups), backend="triton")
+        steps, c = _step_launches(model, "triton", device)
+        assert c.syncs == 0, c.by_name
+        lm_head = 1  # final norm + lm_head run as one qkv_gemm
+        for name in MAIN_KERNELS:
+            assert c.by_name[f"triton::{name}"] == steps + (lm_head if name == "_qkv_gemm_kernel" else 0), (name, c.by_name)
+        assert c.by_name["triton::_splitk_reduce_kernel"] <= 3 * steps + lm_head
+        fixed.add(c.total - c.triton_launches())
+    assert len(fixed) == 1 and fixed.pop() <= 8, fixed
