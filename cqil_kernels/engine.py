@@ -97,6 +97,7 @@ class DecodeEngine:
         # the torch backend is torch end to end (its reference), not "Triton where it can run"
         self._decode_attention = decode_attention_reference if self.backend == "torch" else decode_attention
         self._build_segments()
+        self._build_rope_tables()
         self._graphs: dict[int, tuple] = {}
         self._pool = None
 
@@ -119,6 +120,40 @@ class DecodeEngine:
                 i += 1
         self.segments = segments
         self.plan_key = self._plan_key()
+
+    def _build_rope_tables(self) -> None:
+        """cos/sin of every position < max_length, from the model's own rotary module.
+
+        A step then gathers its rows (2 kernels) instead of recomputing them (~7 kernels). The
+        values are the module's own: its angles are one product per element, so a table computed
+        for all positions at once is bit-identical to per-step calls. Rotary types whose
+        frequencies depend on the sequence length ("dynamic") keep calling the module.
+        """
+        rot = self.inner.rotary_emb
+        self._cos_table = self._sin_table = None
+        if "dynamic" in str(getattr(rot, "rope_type", "default")):
+            return
+        with torch.no_grad():
+            pos = torch.arange(self.max_length, device=self.device)[None]
+            probe = torch.zeros(1, 1, 1, device=self.device, dtype=self.dtype)
+            cos, sin = rot(probe, pos)
+        self._cos_table, self._sin_table = cos[0], sin[0]  # [S, D]
+
+    def _rotary(self, x, positions):
+        """(cos, sin) [B, T, D] for positions [B, T], as ``model.model.rotary_emb(x, positions)``."""
+        if self._cos_table is None:
+            return self.inner.rotary_emb(x, positions)
+        return self._cos_table[positions], self._sin_table[positions]
+
+    def _logits(self, h):
+        """Final norm + lm_head -> fp32 logits [B, V]. With a plain RMSNorm and nn.Linear head they
+        run as one fused norm + GEMM (``qkv_gemm`` with P = 1; same numerics as the modules)."""
+        norm, head = self.inner.norm, self.model.lm_head
+        eps = getattr(norm, "variance_epsilon", None)
+        if type(head) is torch.nn.Linear and eps is not None and getattr(norm, "weight", None) is not None:
+            ops = get_ops(self.backend)
+            return ops.qkv_gemm(h, norm.weight[None], head.weight, head.bias, float(eps)).float()
+        return head(norm(h)).float()
 
     @property
     def num_sequential_steps(self) -> int:
@@ -157,7 +192,7 @@ class DecodeEngine:
         B, T = input_ids.shape
         positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
         x = self.inner.embed_tokens(input_ids)
-        cos, sin = self.inner.rotary_emb(x, positions)
+        cos, sin = self._rotary(x, positions)
         keep = attention_mask.bool()
         causal = torch.ones(T, T, dtype=torch.bool, device=self.device).tril()
         mask = causal[None] & keep[:, None, :]
@@ -173,13 +208,13 @@ class DecodeEngine:
         h = x.reshape(B * T, -1)
         for seg in self.segments:
             h = self._segment_forward(seg, h, B, T, cos, sin, attend)
-        last = self.inner.norm(h.view(B, T, -1)[:, -1])
+        last = h.view(B, T, -1)[:, -1]
         state = self._state(B)
         state["kv_mask"].zero_()
         state["kv_mask"][:, :T] = keep
         state["slot"].fill_(T)
         state["pos"].copy_(positions[:, -1:] + 1)
-        return self.model.lm_head(last).float()
+        return self._logits(last)
 
     # ------------------------------------------------------------------ decode
     def _state(self, B: int) -> dict:
@@ -203,7 +238,7 @@ class DecodeEngine:
         slot, kv_mask, S = st["slot"], st["kv_mask"], self.max_length
         kv_mask.index_fill_(1, slot, True)  # the new token attends to itself
         x = self.inner.embed_tokens(st["tok"])
-        cos, sin = self.inner.rotary_emb(x, st["pos"])
+        cos, sin = self._rotary(x, st["pos"])
         decode_attention = self._decode_attention
 
         def attend(g, q, k, v, layer_indices):
@@ -213,10 +248,23 @@ class DecodeEngine:
             out = decode_attention(q[:, :, 0], keys, values, kv_mask, S, g.layers[0].self_attn.scaling)  # [B, P*nh, D]
             return out.reshape(B, g.size, -1).transpose(0, 1)
 
+        # Fast path per segment: QKV GEMM + RoPE + cache write (2 kernels), one attention over the
+        # P*nh heads, then o_proj / gate-up / down (see group.finish). Needs the stacked weights and
+        # a full-width rotary table; anything else takes the staged path above.
+        cos2d, sin2d = cos.reshape(B, -1), sin.reshape(B, -1)
+        full_rotary = cos2d.shape[-1] == self.head_dim
         h = x.reshape(B, -1)
         for seg in self.segments:
-            h = self._segment_forward(seg, h, B, 1, cos, sin, attend)
-        logits = self.model.lm_head(self.inner.norm(h)).float()
+            g = seg.group
+            if full_rotary and g.use_stacked():
+                q = g.qkv_rope_cache(h, cos2d, sin2d, self.k_cache, self.v_cache, slot, 1, seg.ops)
+                keys = [self.k_cache[i, :B] for i in seg.layer_indices]
+                values = [self.v_cache[i, :B] for i in seg.layer_indices]
+                out = decode_attention(q, keys, values, kv_mask, S, g.layers[0].self_attn.scaling)  # [B, P*nh, D]
+                h = g.finish(h, out.view(B, g.size, -1).transpose(0, 1), True, seg.ops)
+            else:
+                h = self._segment_forward(seg, h, B, 1, cos, sin, attend)
+        logits = self._logits(h)
         st["pos"].add_(1)
         slot.add_(1)
         return logits

@@ -101,12 +101,18 @@ def test_prefill_and_step_logits_match_forward(converted):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
-def test_triton_backend_matches_torch_backend(device, monkeypatch):
+@pytest.mark.parametrize("family,groups,bypass", [
+    ("llama", [[1, 2]], 0),
+    ("qwen3", [[0, 1, 2]], 1),   # q/k norm fused into the RoPE/cache kernel; bypass formed in gate_up
+    ("qwen2", [[1, 2]], 1),      # q/k/v bias
+    ("mistral", [[2, 3]], 0),
+])
+def test_triton_backend_matches_torch_backend(device, monkeypatch, family, groups, bypass):
     """The Triton kernels (interpreter on CPU) give the torch backend's tokens and logits."""
     if device == "cpu":
         monkeypatch.setenv("TRITON_INTERPRET", "1")  # back on (conftest set it before the kernels were decorated)
-    model = make_tiny("llama", num_layers=4).to(device)
-    ck.convert(model, ck.CQILPlan(groups=[[1, 2]]), backend="torch")
+    model = make_tiny(family, num_layers=4).to(device)
+    ck.convert(model, ck.CQILPlan(groups=groups, bypass=bypass), backend="torch")
     ids, mask = left_padded_prompt(batch=2, pads=(0, 3), device=device)
     ref_engine = ck.DecodeEngine(model, max_batch_size=2, max_length=16, backend="torch", cuda_graph=False)
     tri_engine = ck.DecodeEngine(model, max_batch_size=2, max_length=16, backend="triton", cuda_graph=False)

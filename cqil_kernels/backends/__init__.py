@@ -3,8 +3,8 @@
 - ``"torch"``: the torch references of every op (any device; the CPU fallback and the oracle).
 - ``"triton"``: the fused Triton kernels (CUDA natively; CPU under ``TRITON_INTERPRET=1``).
 
-An op set provides ``qkv_gemm``, ``batched_gemm``, ``gate_up_silu``, ``down_sum``, ``rms_norm`` and
-``decode_attention`` (None, or a function that may return None: the group then uses the model's
+An op set provides ``qkv_gemm``, ``qkv_rope_cache`` (static-cache decode), ``batched_gemm``,
+``gate_up_silu``, ``down_sum``, ``rms_norm`` and ``decode_attention`` (None, or a function that may return None: the group then uses the model's
 own attention function).
 """
 

@@ -9,6 +9,7 @@ from ..ops import (  # noqa: F401  (re-exported as this backend's op set)
     down_sum_reference as down_sum,
     gate_up_silu_reference as gate_up_silu,
     qkv_gemm_reference as qkv_gemm,
+    qkv_rope_cache_reference as qkv_rope_cache,
 )
 
 decode_attention = None  # the group uses the model's own attention function

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..ops import batched_gemm, down_sum, gate_up_silu, qkv_gemm  # noqa: F401
+from ..ops import batched_gemm, down_sum, gate_up_silu, qkv_gemm, qkv_rope_cache  # noqa: F401
 from ..ops import decode_attention as _decode_attention
 from .torch_ops import rms_norm  # noqa: F401  (Qwen3 q/k norm: tiny, stays in torch)
 
