@@ -57,6 +57,7 @@ import time
 
 import torch
 
+from cqil_kernels.launches import LaunchCounter
 from cqil_kernels.report import environment, write_json
 
 # ---------------------------------------------------------------------------------------------- shapes
@@ -278,6 +279,9 @@ def time_engine_decode(engine, ids, mask, new_tokens: int, repeats: int, clock: 
     tok = logits.argmax(-1)
     for _ in range(min(3, new_tokens)):  # warm-up: JIT, graph capture (first step), first replays
         tok = engine.step(tok).argmax(-1)
+    # kernels one step launches (counted on an eager step; every timed run below starts with a prefill)
+    with LaunchCounter() as launches:
+        tok = engine.step(tok, cuda_graph=False).argmax(-1)
     step_ms, prefill_ms = [], []
     for _ in range(repeats):
         t0 = clock.now()
@@ -288,7 +292,10 @@ def time_engine_decode(engine, ids, mask, new_tokens: int, repeats: int, clock: 
         t2 = clock.now()
         prefill_ms.append((t1 - t0) * 1e3)
         step_ms.append((t2 - t1) * 1e3 / new_tokens)
-    return dict(ms_per_token=statistics.median(step_ms), ms_per_token_runs=step_ms, prefill_ms=statistics.median(prefill_ms))
+    ms = statistics.median(step_ms)
+    return dict(ms_per_token=ms, ms_per_token_runs=step_ms, prefill_ms=statistics.median(prefill_ms),
+                launches_per_step=launches.total, us_per_launch=ms * 1e3 / max(launches.total, 1),
+                host_syncs_per_step=launches.syncs)
 
 
 @torch.inference_mode()
@@ -429,7 +436,7 @@ def fmt(v, spec=".2f", none="-"):
 def print_table(rows, prefill, bandwidth) -> None:
     print(f"\nread bandwidth: {bandwidth['gbps']:.1f} GB/s ({bandwidth['method']}, {bandwidth['bytes'] / 2**20:.0f} MiB)")
     head = (f"{'shape':14s} {'B':>2s} {'ctx':>5s} {'variant':19s} {'plan':14s} {'steps':>5s} {'ms/tok':>8s} {'tok/s':>9s} "
-            f"{'GB/s':>7s} {'floor':>7s} {'%floor':>6s} {'prefill':>8s} {'xA':>6s} {'xB':>6s} {'xC':>6s}")
+            f"{'GB/s':>7s} {'floor':>7s} {'%floor':>6s} {'prefill':>8s} {'xA':>6s} {'xB':>6s} {'xC':>6s} {'launch':>6s} {'us/l':>5s}")
     print(head)
     print("-" * len(head))
     for r in rows:
@@ -440,8 +447,10 @@ def print_table(rows, prefill, bandwidth) -> None:
         print(f"{r['shape']:14s} {r['batch']:2d} {r['context']:5d} {r['variant']:19s} {r['plan']:14s} {r['sequential_steps']:5d} "
               f"{r['ms_per_token']:8.3f} {r['tokens_per_s']:9.1f} {r['achieved_gbps']:7.1f} {r['floor_ms']:7.3f} "
               f"{r['pct_of_floor']:5.1f}% {r['prefill_ms']:8.2f} {fmt(r.get('speedup_vs_hf_eager')):>6s} "
-              f"{fmt(r.get('speedup_vs_hf_static_compiled')):>6s} {fmt(r.get('speedup_vs_engine')):>6s}")
+              f"{fmt(r.get('speedup_vs_hf_static_compiled')):>6s} {fmt(r.get('speedup_vs_engine')):>6s} "
+              f"{fmt(r.get('launches_per_step'), 'd'):>6s} {fmt(r.get('us_per_launch'), '.1f'):>5s}")
     print("xA/xB/xC: speedup vs hf-eager / hf-static-compiled / engine (no groups) at the same shape, batch, context")
+    print("launch: kernels one engine step launches (LaunchCounter on an eager step); us/l: ms/token / launches")
     if prefill:
         print(f"\n{'shape':14s} {'tokens':>6s} {'variant':11s} {'prefill ms':>10s} {'vs hf-eager':>11s}")
         for p in prefill:

@@ -18,7 +18,18 @@ import argparse
 import os
 import sys
 
-if "--device" not in sys.argv or "cpu" in sys.argv[sys.argv.index("--device") + 1:][:1]:
+
+
+def _device_arg(argv) -> str:
+    for i, a in enumerate(argv):
+        if a == "--device":
+            return argv[i + 1] if i + 1 < len(argv) else "cpu"
+        if a.startswith("--device="):
+            return a.split("=", 1)[1]
+    return "cpu"
+
+
+if _device_arg(sys.argv[1:]).startswith("cpu"):
     # the interpreter must be on before the kernels are decorated (first import of cqil_kernels.ops)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

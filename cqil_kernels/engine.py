@@ -292,17 +292,19 @@ class DecodeEngine:
         return first
 
     @torch.inference_mode()
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+    def step(self, tokens: torch.Tensor, cuda_graph: bool | None = None) -> torch.Tensor:
         """Feed one token per sequence (long [B] or [B, 1]) after ``prefill``; logits [B, V] fp32.
 
         A convert/revert of the model is picked up by the next ``prefill``, not mid-sequence.
+        ``cuda_graph=False`` runs this step eagerly even on a graph engine (same buffers, same
+        result; e.g. to count its launches with ``cqil_kernels.launches.LaunchCounter``).
 
         With CUDA graphs the returned tensor is the graph's static output: it is overwritten by the
         next step (clone it to keep it).
         """
         B = tokens.shape[0]
         self._state(B)["tok"].copy_(tokens.view(B, 1))
-        if self.cuda_graph:
+        if self.cuda_graph and cuda_graph is not False:
             return self._graph_step(B)
         return self._decode_step(B)
 
