@@ -22,6 +22,14 @@ def pytest_addoption(parser):
 def pytest_configure(config):
     if config.getoption("--device") == "cpu":
         os.environ["TRITON_INTERPRET"] = "1"
+    # Fuzz tests draw the same examples on every run (CI must not fail at random); explore new
+    # ones with --hypothesis-profile=explore.
+    from hypothesis import settings
+
+    settings.register_profile("deterministic", derandomize=True, database=None)
+    settings.register_profile("explore", derandomize=False)
+    if not config.getoption("hypothesis_profile", default=None):
+        settings.load_profile("deterministic")
 
 
 @pytest.fixture

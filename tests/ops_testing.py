@@ -2,8 +2,11 @@
 
 Error budget (flash-attention's rule): the kernel's max abs error against a high-precision
 reference must be at most twice the error of the same math done by torch at the working precision,
-plus a floor of one ulp at the output's scale (so an exact torch result does not demand an exact
-kernel). The high-precision reference is the op's reference function on upcast inputs: fp64 when
+plus a floor of a few ulps at the output's scale. The floor matters when torch's own error is ~0 by
+chance (tiny K, e.g. H = 1): the kernels round differently by design (rstd as 1/sqrt instead of
+rsqrt, norm applied after the dot, one fp32 epilogue), which is a couple of ulps, amplified by the
+SiLU(gate)*up product; 4 ulps at the output's scale covers that, while any indexing or masking bug
+is off by O(1). The high-precision reference is the op's reference function on upcast inputs: fp64 when
 the working dtype is fp32 (an fp32 "reference" would make torch's own error zero), fp32 otherwise.
 """
 
@@ -15,6 +18,7 @@ import torch
 from conftest import poison_
 
 CPU_DTYPES = (torch.float32, torch.float16)
+FLOOR_ULPS = 4
 
 
 def hi_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -49,7 +53,7 @@ def assert_error_budget(out: torch.Tensor, ref_hi: torch.Tensor, ref_lo: torch.T
     err = max_err(out, ref_hi)
     torch_err = max_err(ref_lo, ref_hi)
     scale = ref_hi.abs().max().item() if ref_hi.numel() else 0.0
-    floor = torch.finfo(out.dtype).eps * max(scale, 1e-3)
+    floor = FLOOR_ULPS * torch.finfo(out.dtype).eps * max(scale, 1e-3)
     assert err <= factor * torch_err + floor, (
         f"kernel error {err:.3e} > {factor} x torch error {torch_err:.3e} + floor {floor:.1e}"
     )

@@ -28,14 +28,21 @@ def test_counts_host_syncs():
 
 @pytest.mark.interpreter
 def test_counts_triton_launches_not_the_interpreters_own_ops(device, monkeypatch):
+    from cqil_kernels.ops import _common
     from cqil_kernels.ops.qkv_gemm import qkv_gemm_triton
 
     if device == "cpu":
         monkeypatch.setenv("TRITON_INTERPRET", "1")
     x, nw, w = torch.randn(2, 40, device=device), torch.ones(2, 40, device=device), torch.randn(48, 40, device=device)
+    monkeypatch.setattr(_common, "SPLITK_MODE", "kernel")
     with LaunchCounter() as c:
         qkv_gemm_triton(x, nw, w, None, 1e-6, split_k=2)
     assert dict(c.by_name) == {"triton::_qkv_gemm_kernel": 1, "triton::_splitk_reduce_kernel": 1}
+    monkeypatch.setattr(_common, "SPLITK_MODE", "serial")
+    _common.tile_counters(x, 1)  # allocated once per device (one aten::zeros the first time)
+    with LaunchCounter() as c:
+        qkv_gemm_triton(x, nw, w, None, 1e-6, split_k=2)
+    assert dict(c.by_name) == {"triton::_qkv_gemm_kernel": 1}
     with LaunchCounter() as c:
         qkv_gemm_triton(x, nw, w, None, 1e-6, split_k=1)
     assert c.total == 1 and c.triton_launches() == 1
@@ -59,9 +66,9 @@ MAIN_KERNELS = ("_qkv_gemm_kernel", "_rope_cache_kernel", "_decode_attn_kernel",
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_decode_step_launches_per_segment_do_not_grow_with_p(device, monkeypatch, family):
     """With the Triton op set and H100-sized launch heuristics, one segment (a layer, or a group of
-    any P) launches each of the six fused kernels once (qkv GEMM, RoPE/cache, attention, o_proj,
-    gate_up, down), plus split-K reductions where the heuristic splits (at most 3); the rest of
-    the step is a fixed handful of launches; and the step needs no host synchronisation."""
+    any P) launches each of the six fused kernels once - qkv GEMM, RoPE/cache, attention, o_proj,
+    gate_up, down - and nothing else: the split-K GEMMs finish in their own last program. The rest
+    of the step is a fixed handful of launches, and it needs no host synchronisation."""
     from cqil_kernels.ops import _common
 
     if device == "cpu":
@@ -69,7 +76,8 @@ def test_decode_step_launches_per_segment_do_not_grow_with_p(device, monkeypatch
     monkeypatch.setattr(_common, "SM_COUNT_OVERRIDE", 132)
     fixed = set()
     for groups in ([], [[1, 2]], [[0, 1, 2, 3]], [[0, 1], [2, 3, 4]]):
-        model = make_tiny(family, num_layers=6).to(device)
+        # hidden 200, MLP 260: K spans two or more of the GPU's 128-wide tiles, so the GEMMs split
+        model = make_tiny(family, num_layers=6, hidden_size=200, intermediate_size=260).to(device)
         if groups:
             ck.convert(model, ck.CQILPlan(groups=groups), backend="triton")
         steps, c = _step_launches(model, "triton", device)
@@ -77,6 +85,21 @@ def test_decode_step_launches_per_segment_do_not_grow_with_p(device, monkeypatch
         lm_head = 1  # final norm + lm_head run as one qkv_gemm
         for name in MAIN_KERNELS:
             assert c.by_name[f"triton::{name}"] == steps + (lm_head if name == "_qkv_gemm_kernel" else 0), (name, c.by_name)
-        assert c.by_name["triton::_splitk_reduce_kernel"] <= 3 * steps + lm_head
+        assert c.triton_launches() == 6 * steps + lm_head, c.by_name
         fixed.add(c.total - c.triton_launches())
     assert len(fixed) == 1 and fixed.pop() <= 8, fixed
+
+
+@pytest.mark.interpreter
+def test_decode_step_splits_its_gemms(device, monkeypatch):
+    """The shapes above do split (so the previous test covers the serial split-K path): in
+    "kernel" mode the same step launches reductions."""
+    from cqil_kernels.ops import _common
+
+    if device == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(_common, "SM_COUNT_OVERRIDE", 132)
+    monkeypatch.setattr(_common, "SPLITK_MODE", "kernel")
+    model = make_tiny("llama", num_layers=2, hidden_size=200, intermediate_size=260).to(device)
+    steps, c = _step_launches(model, "triton", device)
+    assert c.by_name["triton::_splitk_reduce_kernel"] >= 2 * steps

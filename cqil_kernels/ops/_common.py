@@ -200,7 +200,7 @@ def workspace(shape, t: torch.Tensor) -> torch.Tensor:
 @triton.jit
 def _splitk_reduce_kernel(
     ws_ptr, ss_ptr, b_ptr, res_ptr, attn_ptr, out_ptr,
-    R, NOUT, SPLITS, ROWS_PER_BIAS, NATTN, inv_k, eps,
+    R, NOUT, SPLITS, SS_SPLIT_STRIDE, ROWS_PER_BIAS, NATTN, inv_k, eps,
     stride_bg, stride_bn,
     stride_rr, stride_rn,
     stride_ap, stride_ar, stride_an,
@@ -237,7 +237,7 @@ def _splitk_reduce_kernel(
         # Advance by one split (pointer increments keep 64-bit addresses without casting the
         # induction variable).
         base += R * NW
-        ss_base += R
+        ss_base += SS_SPLIT_STRIDE
     if HAS_SS:
         rstd = 1.0 / tl.sqrt(ss * inv_k + eps)
         acc = acc * rstd[:, None]
@@ -261,8 +261,10 @@ def _splitk_reduce_kernel(
 
 def splitk_reduce(ws, out2d, *, splits, ss=None, inv_k=0.0, eps=0.0, bias2d=None, rows_per_bias=1,
                   residual=None, attn=None, glu=False):
-    """Sum the split-K partials and apply the epilogue. ``out2d`` is [R, NOUT] (any strides);
-    ``bias2d`` is [G, NOUT] indexed by row // rows_per_bias; ``attn`` is [P, R, NOUT]."""
+    """Sum the split-K partials and apply the epilogue (a second launch: ``SPLITK_MODE = "kernel"``,
+    or a consumer that needs the sums). ``out2d`` is [R, NOUT] (any strides); ``ss`` is
+    [splits, n_blocks, R] (n-block 0 is read); ``bias2d`` is [G, NOUT] indexed by
+    row // rows_per_bias; ``attn`` is [P, R, NOUT]."""
     R, NOUT = out2d.shape
     BR, BN = (16, 64) if interpreted(out2d) else (16, 128)
     dummy = out2d
@@ -273,7 +275,8 @@ def splitk_reduce(ws, out2d, *, splits, ss=None, inv_k=0.0, eps=0.0, bias2d=None
         residual if residual is not None else dummy,
         attn if attn is not None else dummy,
         out2d,
-        R, NOUT, splits, rows_per_bias, attn.shape[0] if attn is not None else 0, inv_k, eps,
+        R, NOUT, splits, ss.stride(0) if ss is not None else 0, rows_per_bias,
+        attn.shape[0] if attn is not None else 0, inv_k, eps,
         *(bias2d.stride() if bias2d is not None else (0, 0)),
         *(residual.stride() if residual is not None else (0, 0)),
         *(attn.stride() if attn is not None else (0, 0, 0)),
@@ -282,6 +285,71 @@ def splitk_reduce(ws, out2d, *, splits, ss=None, inv_k=0.0, eps=0.0, bias2d=None
         HAS_ATTN=attn is not None, GLU=glu, BR=BR, BN=BN, num_warps=4,
     )
     return out2d
+
+
+# How a split-K GEMM finishes. "serial": each program stores its fp32 partial tile, and the last
+# program to arrive at a tile (an atomic counter per tile) sums the tile's partials in split order
+# and applies the epilogue itself, so the GEMM is one launch. "kernel": a second, separate
+# reduction kernel does it. The two add the same partials in the same order. "serial" relies on
+# the release/acquire pattern of CUTLASS's serial split-K (CTA barrier, then a gpu-scope acq_rel
+# atomic); the interpreter runs programs one at a time and cannot exercise it, so the GPU tests
+# repeat split GEMMs and require identical results every time.
+SPLITK_MODE = "serial"
+
+_COUNTERS: dict = {}
+
+
+def serial_split() -> bool:
+    return SPLITK_MODE == "serial"
+
+
+def tile_counters(t: torch.Tensor, tiles: int) -> torch.Tensor:
+    """Zeroed int32 arrival counters for ``tiles`` output tiles on t's device.
+
+    One buffer per device, allocated on first use (before any CUDA-graph capture when a warm-up
+    step ran first) and reused by every split GEMM: a tile's last program resets its counter, so
+    the buffer is all zeros again when the kernel ends. Kernels that use it must not run
+    concurrently on two streams.
+    """
+    buf = _COUNTERS.get(t.device)
+    if buf is None or buf.numel() < tiles:
+        buf = torch.zeros(max(int(tiles), 4096), dtype=torch.int32, device=t.device)
+        _COUNTERS[t.device] = buf
+    return buf
+
+
+@triton.jit
+def last_to_arrive(cnt_ptr, SPLITS):
+    """Count this program's arrival at its tile; True for the last of the tile's SPLITS programs
+    (which also resets the counter for the next launch)."""
+    # every thread's partial-tile stores happen before the release of the atomic below
+    tl.debug_barrier()
+    prev = tl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu")
+    last = prev == SPLITS - 1
+    if last:
+        tl.atomic_xchg(cnt_ptr, 0, sem="relaxed", scope="gpu")
+    return last
+
+
+@triton.jit
+def sum_splits(ptrs, split_stride, SPLITS, mask, BM: tl.constexpr, BN: tl.constexpr):
+    """Sum of the SPLITS fp32 partial tiles at ``ptrs + s * split_stride``, in split order. The
+    loads skip L1 (.cg): L1 is not coherent with other SMs' stores."""
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for _s in range(0, SPLITS):
+        acc += tl.load(ptrs, mask=mask, other=0.0, cache_modifier=".cg")
+        ptrs += split_stride
+    return acc
+
+
+@triton.jit
+def sum_split_rows(ptrs, split_stride, SPLITS, mask, BM: tl.constexpr):
+    """Like :func:`sum_splits` for a [BM] vector (partial sums of squares)."""
+    acc = tl.zeros((BM,), dtype=tl.float32)
+    for _s in range(0, SPLITS):
+        acc += tl.load(ptrs, mask=mask, other=0.0, cache_modifier=".cg")
+        ptrs += split_stride
+    return acc
 
 
 def check_out(out: torch.Tensor | None, shape, like: torch.Tensor, dtype=None) -> torch.Tensor:

@@ -8,8 +8,8 @@ over all SMs (the weights dominate the bytes, so the whole GPU has to stream the
 import torch
 
 from ._common import (
-    cdiv, check_out, dot_flags, finish_out, gemm_blocks, kernel_out, pick_split_k, splitk_reduce,
-    tl, triton, use_triton, workspace,
+    cdiv, check_out, dot_flags, finish_out, gemm_blocks, kernel_out, last_to_arrive, pick_split_k,
+    serial_split, splitk_reduce, sum_splits, tile_counters, tl, triton, use_triton, workspace,
 )
 
 
@@ -22,13 +22,22 @@ def batched_gemm_reference(x, weight, bias=None):
 
 
 @triton.jit
+def _batched_epilogue(acc, b_ptr, out_ptr, p, p64, rm, rn, mask, n_mask, stride_bp, stride_bn,
+                      stride_op, stride_om, stride_on, HAS_BIAS: tl.constexpr):
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + p * stride_bp + rn * stride_bn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + p64 * stride_op + rm.to(tl.int64)[:, None] * stride_om + rn[None, :] * stride_on,
+             acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _batched_gemm_kernel(
-    x_ptr, w_ptr, b_ptr, out_ptr, ws_ptr,
+    x_ptr, w_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
     M, N, K, SPLITS, K_PER_SPLIT, WS_STRIDE,
     stride_xp, stride_xm, stride_xk, stride_wp, stride_wn, stride_wk, stride_bp, stride_bn,
     stride_op, stride_om, stride_on,
-    HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, SERIAL: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -57,13 +66,17 @@ def _batched_gemm_kernel(
     mask = m_mask[:, None] & n_mask[None, :]
     if SPLIT:
         # workspace [SPLITS, P*M, N]: row p*M + m
-        rows = (p64 * M + rm)[:, None]
-        tl.store(ws_ptr + pid_k.to(tl.int64) * WS_STRIDE + rows * N + rn[None, :], acc, mask=mask)
+        tile_ws = ws_ptr + (p64 * M + rm)[:, None] * N + rn[None, :]
+        tl.store(tile_ws + pid_k.to(tl.int64) * WS_STRIDE, acc, mask=mask)
+        if SERIAL:
+            tile = (p * tl.num_programs(0) + pid_m) * tl.num_programs(1) + pid_n
+            if last_to_arrive(cnt_ptr + tile, SPLITS):
+                acc = sum_splits(tile_ws, WS_STRIDE, SPLITS, mask, BM, BN)
+                _batched_epilogue(acc, b_ptr, out_ptr, p, p64, rm, rn, mask, n_mask, stride_bp, stride_bn,
+                                  stride_op, stride_om, stride_on, HAS_BIAS)
     else:
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + p * stride_bp + rn * stride_bn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + p64 * stride_op + rm.to(tl.int64)[:, None] * stride_om + rn[None, :] * stride_on,
-                 acc.to(out_ptr.dtype.element_ty), mask=mask)
+        _batched_epilogue(acc, b_ptr, out_ptr, p, p64, rm, rn, mask, n_mask, stride_bp, stride_bn,
+                          stride_op, stride_om, stride_on, HAS_BIAS)
 
 
 def batched_gemm_triton(x, weight, bias=None, *, out=None, split_k=None):
@@ -81,14 +94,16 @@ def batched_gemm_triton(x, weight, bias=None, *, out=None, split_k=None):
     upcast, prec = dot_flags(weight.dtype, x)
     ws = workspace((splits, P * M, N), x) if splits > 1 else kout
     b = bias if bias is not None else weight
+    serial = splits > 1 and serial_split()
+    cnt = tile_counters(x, mb * nb * P) if serial else ws
     _batched_gemm_kernel[(mb, nb, P * splits)](
-        x, weight, b, kout, ws,
+        x, weight, b, kout, ws, cnt,
         M, N, K, splits, per_split * BK, P * M * N,
         *x.stride(), *weight.stride(), *(bias.stride() if bias is not None else (0, 0)), *kout.stride(),
-        HAS_BIAS=bias is not None, SPLIT=splits > 1, UPCAST=upcast, DOT_PREC=prec,
+        HAS_BIAS=bias is not None, SPLIT=splits > 1, SERIAL=serial, UPCAST=upcast, DOT_PREC=prec,
         BM=BM, BN=BN, BK=BK, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-    if splits > 1:
+    if splits > 1 and not serial:
         if not kout.is_contiguous():
             raise ValueError("out must be contiguous")
         splitk_reduce(ws, kout.view(P * M, N), splits=splits, bias2d=bias, rows_per_bias=max(M, 1))

@@ -4,8 +4,10 @@ Step 4 of the group decomposition. One new token per sequence attends to each la
 (HF layout [B, nkv, S, D], GQA inside each layer). Split-KV (flash-decoding): the grid is
 (batch x layer x kv head, KV split); each program runs an online softmax over its slice of the
 cache for all query heads that share the kv head, and writes a normalised partial output plus its
-log-sum-exp; a second small kernel combines the splits. With a single split the first kernel
-writes the output directly.
+log-sum-exp; the last split to finish (an atomic arrival counter per program group, as in the
+GEMMs' serial split-K, ``_common.SPLITK_MODE``) combines them, so it stays one launch. In "kernel"
+mode a second small kernel combines instead. With a single split the kernel writes the output
+directly.
 
 The P caches are P separate tensors. When they are equally strided views of one storage at a
 constant pointer offset (e.g. slices of one [P, B, nkv, S, D] buffer), the kernel addresses them
@@ -21,8 +23,8 @@ import torch
 
 from . import _common
 from ._common import (
-    cdiv, check_out, compute_dtype, finish_out, interpreted, kernel_out, next_pow2, sm_count, tl,
-    triton, use_triton, workspace,
+    cdiv, check_out, compute_dtype, finish_out, interpreted, kernel_out, last_to_arrive, next_pow2, serial_split,
+    sm_count, tile_counters, tl, triton, use_triton, workspace,
 )
 
 _LOG2E = 1.4426950408889634
@@ -57,16 +59,37 @@ def decode_attention_reference(q, k_caches, v_caches, kv_mask, kv_len, scale):
 
 
 @triton.jit
+def _combine_head(opart_ptr, lse_ptr, out_ptr, row, b, h, NSPLIT, D, stride_ob, stride_oh, stride_od,
+                  BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    # out[b, h] = sum_s w_s * o_s / sum_s w_s, w_s = exp2(lse_s - max lse): the splits' partial
+    # softmaxes rescaled to a common maximum (empty splits have lse = -inf, weight 0)
+    rs = tl.arange(0, BLOCK_S)
+    rd = tl.arange(0, BLOCK_D)
+    s_mask = rs < NSPLIT
+    d_mask = rd < D
+    lse = tl.load(lse_ptr + row * NSPLIT + rs, mask=s_mask, other=float("-inf"), cache_modifier=".cg")
+    m = tl.max(lse, axis=0)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp2(lse - m)
+    o = tl.load(opart_ptr + (row * NSPLIT + rs)[:, None] * D + rd[None, :],
+                mask=s_mask[:, None] & d_mask[None, :], other=0.0, cache_modifier=".cg")
+    den = tl.sum(w, axis=0)
+    res = tl.sum(o * w[:, None], axis=0) / tl.where(den > 0.0, den, 1.0)
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + rd * stride_od, res.to(out_ptr.dtype.element_ty), mask=d_mask)
+
+
+@triton.jit
 def _decode_attn_kernel(
-    q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, opart_ptr, lse_ptr,
+    q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, opart_ptr, lse_ptr, cnt_ptr,
     kv_len, qk_scale, NKV, NH, GROUP, P, D, CHUNK, NSPLIT,
     stride_qb, stride_qh, stride_qd,
     stride_kl, stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vl, stride_vb, stride_vh, stride_vs, stride_vd,
     stride_mb, stride_ms,
     stride_ob, stride_oh, stride_od,
-    HAS_MASK: tl.constexpr, DIRECT: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_MASK: tl.constexpr, DIRECT: tl.constexpr, SERIAL: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PREC: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_S: tl.constexpr,
 ):
     pid = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -133,6 +156,13 @@ def _decode_attn_kernel(
         tl.store(opart_ptr + rows[:, None] * D + rd[None, :], o, mask=row_mask)
         lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
         tl.store(lse_ptr + rows, lse, mask=g_mask)
+        if SERIAL:
+            # the last split of this (batch, layer, kv head) combines its query heads: no second launch
+            if last_to_arrive(cnt_ptr + pid, NSPLIT):
+                for gi in range(0, GROUP):
+                    head = j * NH + g * GROUP + gi
+                    _combine_head(opart_ptr, lse_ptr, out_ptr, b.to(tl.int64) * (P * NH) + head, b, head, NSPLIT, D,
+                                  stride_ob, stride_oh, stride_od, BLOCK_S, BLOCK_D)
 
 
 @triton.jit
@@ -142,22 +172,8 @@ def _decode_combine_kernel(
     BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)  # b * HQ + head
-    b = row // HQ
-    h = row % HQ
-    rs = tl.arange(0, BLOCK_S)
-    rd = tl.arange(0, BLOCK_D)
-    s_mask = rs < NSPLIT
-    d_mask = rd < D
-    lse = tl.load(lse_ptr + row * NSPLIT + rs, mask=s_mask, other=float("-inf"))
-    m = tl.max(lse, axis=0)
-    m = tl.where(m == float("-inf"), 0.0, m)
-    w = tl.exp2(lse - m)  # 0 for empty splits
-    o = tl.load(opart_ptr + (row * NSPLIT + rs)[:, None] * D + rd[None, :],
-                mask=s_mask[:, None] & d_mask[None, :], other=0.0)
-    den = tl.sum(w, axis=0)
-    res = tl.sum(o * w[:, None], axis=0) / tl.where(den > 0.0, den, 1.0)
-    tl.store(out_ptr + b * stride_ob + h * stride_oh + rd * stride_od,
-             res.to(out_ptr.dtype.element_ty), mask=d_mask)
+    _combine_head(opart_ptr, lse_ptr, out_ptr, row, row // HQ, row % HQ, NSPLIT, D, stride_ob, stride_oh, stride_od,
+                  BLOCK_S, BLOCK_D)
 
 
 def _layer_addressing(caches, kv_len):
@@ -220,19 +236,22 @@ def decode_attention_triton(q, k_caches, v_caches, kv_mask, kv_len, scale, *, ou
         opart = workspace((B * HQ, num_splits, D), q)
         lse = workspace((B * HQ, num_splits), q)
     mask = kv_mask.view(torch.uint8) if kv_mask is not None else q
+    serial = not direct and serial_split()
+    cnt = tile_counters(q, programs) if serial else kout
+    block_s = max(2, next_pow2(num_splits))
     _decode_attn_kernel[(programs, num_splits)](
-        q, k_base, v_base, mask, kout, opart, lse,
+        q, k_base, v_base, mask, kout, opart, lse, cnt,
         kv_len, float(scale) * _LOG2E, NKV, NH, GROUP, P, D, chunk, num_splits,
         *q.stride(), k_layer, *ks, v_layer, *vs,
         *(mask.stride() if kv_mask is not None else (0, 0)), *kout.stride(),
-        HAS_MASK=kv_mask is not None, DIRECT=direct, UPCAST=upcast,
+        HAS_MASK=kv_mask is not None, DIRECT=direct, SERIAL=serial, UPCAST=upcast,
         DOT_PREC="ieee" if upcast or q.dtype == torch.float32 else "tf32",
-        BLOCK_G=BLOCK_G, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, num_warps=4, num_stages=2,
+        BLOCK_G=BLOCK_G, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_S=block_s, num_warps=4, num_stages=2,
     )
-    if not direct:
+    if not direct and not serial:
         _decode_combine_kernel[(B * HQ,)](
             opart, lse, kout, HQ, D, num_splits, *kout.stride(),
-            BLOCK_S=max(2, next_pow2(num_splits)), BLOCK_D=BLOCK_D, num_warps=4,
+            BLOCK_S=block_s, BLOCK_D=BLOCK_D, num_warps=4,
         )
     return finish_out(out, kout)
 

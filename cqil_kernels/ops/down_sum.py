@@ -11,8 +11,8 @@ residual and the attention outputs are added in the epilogue (or in the split-K 
 import torch
 
 from ._common import (
-    cdiv, check_out, dot_flags, finish_out, gemm_blocks, kernel_out, pick_split_k, splitk_reduce,
-    tl, triton, use_triton, workspace,
+    cdiv, check_out, dot_flags, finish_out, gemm_blocks, kernel_out, last_to_arrive, pick_split_k,
+    serial_split, splitk_reduce, sum_splits, tile_counters, tl, triton, use_triton, workspace,
 )
 
 
@@ -29,13 +29,27 @@ def down_sum_reference(m, weight, residual, attn=None):
 
 
 @triton.jit
+def _down_sum_epilogue(acc, res_ptr, attn_ptr, out_ptr, rm64, rn, mask, P,
+                       stride_rm, stride_rn, stride_ap, stride_am, stride_an, stride_om, stride_on,
+                       HAS_ATTN: tl.constexpr):
+    acc += tl.load(res_ptr + rm64[:, None] * stride_rm + rn[None, :] * stride_rn,
+                   mask=mask, other=0.0).to(tl.float32)
+    if HAS_ATTN:
+        for j in range(0, P):
+            acc += tl.load(attn_ptr + j * stride_ap + rm64[:, None] * stride_am + rn[None, :] * stride_an,
+                           mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + rm64[:, None] * stride_om + rn[None, :] * stride_on,
+             acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _down_sum_kernel(
-    m_ptr, w_ptr, res_ptr, attn_ptr, out_ptr, ws_ptr,
-    M, N, I, P, KB_PER_LAYER, KB_PER_SPLIT,
+    m_ptr, w_ptr, res_ptr, attn_ptr, out_ptr, ws_ptr, cnt_ptr,
+    M, N, I, P, KB_PER_LAYER, KB_PER_SPLIT, SPLITS,
     stride_mp, stride_mm, stride_mk, stride_wp, stride_wn, stride_wk,
     stride_rm, stride_rn, stride_ap, stride_am, stride_an, stride_om, stride_on,
-    HAS_ATTN: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    HAS_ATTN: tl.constexpr, SPLIT: tl.constexpr, SERIAL: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -68,16 +82,18 @@ def _down_sum_kernel(
     mask = m_mask[:, None] & n_mask[None, :]
     rm64 = rm.to(tl.int64)
     if SPLIT:
-        tl.store(ws_ptr + (pid_k.to(tl.int64) * M + rm64[:, None]) * N + rn[None, :], acc, mask=mask)
+        # workspace [SPLITS, M, N]
+        tile_ws = ws_ptr + rm64[:, None] * N + rn[None, :]
+        split_stride = M * N
+        tl.store(tile_ws + pid_k.to(tl.int64) * split_stride, acc, mask=mask)
+        if SERIAL:
+            if last_to_arrive(cnt_ptr + pid_m * tl.num_programs(1) + pid_n, SPLITS):
+                acc = sum_splits(tile_ws, split_stride, SPLITS, mask, BM, BN)
+                _down_sum_epilogue(acc, res_ptr, attn_ptr, out_ptr, rm64, rn, mask, P, stride_rm, stride_rn,
+                                   stride_ap, stride_am, stride_an, stride_om, stride_on, HAS_ATTN)
     else:
-        acc += tl.load(res_ptr + rm64[:, None] * stride_rm + rn[None, :] * stride_rn,
-                       mask=mask, other=0.0).to(tl.float32)
-        if HAS_ATTN:
-            for j in range(0, P):
-                acc += tl.load(attn_ptr + j * stride_ap + rm64[:, None] * stride_am + rn[None, :] * stride_an,
-                               mask=mask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + rm64[:, None] * stride_om + rn[None, :] * stride_on,
-                 acc.to(out_ptr.dtype.element_ty), mask=mask)
+        _down_sum_epilogue(acc, res_ptr, attn_ptr, out_ptr, rm64, rn, mask, P, stride_rm, stride_rn,
+                           stride_ap, stride_am, stride_an, stride_om, stride_on, HAS_ATTN)
 
 
 def down_sum_triton(m, weight, residual, attn=None, *, out=None, split_k=None):
@@ -99,15 +115,17 @@ def down_sum_triton(m, weight, residual, attn=None, *, out=None, split_k=None):
     upcast, prec = dot_flags(weight.dtype, m)
     ws = workspace((splits, M, H), m) if splits > 1 else kout
     a = attn if attn is not None else residual
+    serial = splits > 1 and serial_split()
+    cnt = tile_counters(m, mb * nb) if serial else ws
     _down_sum_kernel[(mb, nb, splits)](
-        m, weight, residual, a, kout, ws,
-        M, H, I, P, kb_layer, per_split,
+        m, weight, residual, a, kout, ws, cnt,
+        M, H, I, P, kb_layer, per_split, splits,
         *m.stride(), *weight.stride(), *residual.stride(),
         *(attn.stride() if attn is not None else (0, 0, 0)), *kout.stride(),
-        HAS_ATTN=attn is not None, SPLIT=splits > 1, UPCAST=upcast, DOT_PREC=prec,
+        HAS_ATTN=attn is not None, SPLIT=splits > 1, SERIAL=serial, UPCAST=upcast, DOT_PREC=prec,
         BM=BM, BN=BN, BK=BK, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-    if splits > 1:
+    if splits > 1 and not serial:
         splitk_reduce(ws, kout, splits=splits, residual=residual, attn=attn)
     return finish_out(out, kout)
 

@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from ._common import (
-    cdiv, check_out, compute_dtype, dot_flags, finish_out, gemm_blocks, kernel_out, pick_split_k,
-    splitk_reduce, tl, triton, use_triton, workspace,
+    cdiv, check_out, compute_dtype, dot_flags, finish_out, gemm_blocks, kernel_out, last_to_arrive,
+    pick_split_k, serial_split, splitk_reduce, sum_split_rows, sum_splits, tile_counters, tl, triton,
+    use_triton, workspace,
 )
 
 
@@ -43,12 +44,24 @@ def gate_up_silu_reference(u, norm_weight, weight, eps, residual=None, bypass=0)
 
 
 @triton.jit
+def _gate_up_epilogue(acc_g, acc_u, ss, out_ptr, p64, rm, rn, mask, inv_k, eps,
+                      stride_op, stride_om, stride_on, HAS_NORM: tl.constexpr):
+    if HAS_NORM:
+        rstd = (1.0 / tl.sqrt(ss * inv_k + eps))[:, None]
+        acc_g = acc_g * rstd
+        acc_u = acc_u * rstd
+    res = acc_g * tl.sigmoid(acc_g) * acc_u
+    tl.store(out_ptr + p64 * stride_op + rm.to(tl.int64)[:, None] * stride_om + rn[None, :] * stride_on,
+             res.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _gate_up_kernel(
-    u_ptr, res_ptr, nw_ptr, w_ptr, out_ptr, ws_ptr, ss_ptr,
+    u_ptr, res_ptr, nw_ptr, w_ptr, out_ptr, ws_ptr, ss_ptr, cnt_ptr,
     M, I, K, SPLITS, K_PER_SPLIT, WS_STRIDE, BYPASS, inv_k, eps,
     stride_up, stride_um, stride_uk, stride_rm, stride_rk, stride_nwp, stride_nwk, stride_wp, stride_wn, stride_wk,
     stride_op, stride_om, stride_on,
-    HAS_NORM: tl.constexpr, HAS_RES: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_NORM: tl.constexpr, HAS_RES: tl.constexpr, SPLIT: tl.constexpr, SERIAL: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -100,22 +113,29 @@ def _gate_up_kernel(
             acc_u = tl.dot(xt, wu, acc_u, input_precision=DOT_PREC)
     mask = m_mask[:, None] & n_mask[None, :]
     if SPLIT:
-        # workspace [SPLITS, P*M, 2I]: gate partials in columns [0, I), up partials in [I, 2I)
-        rows = (p64 * M + rm)[:, None]
-        ws = ws_ptr + pid_k.to(tl.int64) * WS_STRIDE + rows * (2 * I) + rn[None, :]
-        tl.store(ws, acc_g, mask=mask)
-        tl.store(ws + I, acc_u, mask=mask)
+        # workspace [SPLITS, P*M, 2I]: gate partials in columns [0, I), up partials in [I, 2I);
+        # partial sums of squares [SPLITS, n-blocks, P*M] (every N-block writes its own copy, so
+        # a tile's last program finds all of its splits' copies)
+        tile_ws = ws_ptr + (p64 * M + rm)[:, None] * (2 * I) + rn[None, :]
+        tl.store(tile_ws + pid_k.to(tl.int64) * WS_STRIDE, acc_g, mask=mask)
+        tl.store(tile_ws + pid_k.to(tl.int64) * WS_STRIDE + I, acc_u, mask=mask)
+        R = WS_STRIDE // (2 * I)
+        SS_STRIDE = tl.num_programs(1) * R
+        tile_ss = ss_ptr + pid_n * R + p64 * M + rm
         if HAS_NORM:
-            tl.store(ss_ptr + pid_k.to(tl.int64) * (WS_STRIDE // (2 * I)) + p64 * M + rm, ss,
-                     mask=m_mask & (pid_n == 0))
+            tl.store(tile_ss + pid_k.to(tl.int64) * SS_STRIDE, ss, mask=m_mask)
+        if SERIAL:
+            tile = (p * tl.num_programs(0) + pid_m) * tl.num_programs(1) + pid_n
+            if last_to_arrive(cnt_ptr + tile, SPLITS):
+                acc_g = sum_splits(tile_ws, WS_STRIDE, SPLITS, mask, BM, BN)
+                acc_u = sum_splits(tile_ws + I, WS_STRIDE, SPLITS, mask, BM, BN)
+                if HAS_NORM:
+                    ss = sum_split_rows(tile_ss, SS_STRIDE, SPLITS, m_mask, BM)
+                _gate_up_epilogue(acc_g, acc_u, ss, out_ptr, p64, rm, rn, mask, inv_k, eps,
+                                  stride_op, stride_om, stride_on, HAS_NORM)
     else:
-        if HAS_NORM:
-            rstd = (1.0 / tl.sqrt(ss * inv_k + eps))[:, None]
-            acc_g = acc_g * rstd
-            acc_u = acc_u * rstd
-        res = acc_g * tl.sigmoid(acc_g) * acc_u
-        tl.store(out_ptr + p64 * stride_op + rm.to(tl.int64)[:, None] * stride_om + rn[None, :] * stride_on,
-                 res.to(out_ptr.dtype.element_ty), mask=mask)
+        _gate_up_epilogue(acc_g, acc_u, ss, out_ptr, p64, rm, rn, mask, inv_k, eps,
+                          stride_op, stride_om, stride_on, HAS_NORM)
 
 
 def _check_mlp_inputs(u, residual, bypass):
@@ -145,20 +165,22 @@ def gate_up_silu_triton(u, norm_weight, weight, eps, residual=None, bypass=0, *,
     has_norm = norm_weight is not None
     if splits > 1:
         ws = workspace((splits, P * M, 2 * I), u)
-        ss = workspace((splits, P * M), u) if has_norm else ws
+        ss = workspace((splits, nb, P * M), u) if has_norm else ws
     else:
         ws = ss = kout
     nw = norm_weight if has_norm else weight
     has_res = residual is not None
+    serial = splits > 1 and serial_split()
+    cnt = tile_counters(u, mb * nb * P) if serial else ws
     _gate_up_kernel[(mb, nb, P * splits)](
-        u, residual if has_res else u, nw, weight, kout, ws, ss,
+        u, residual if has_res else u, nw, weight, kout, ws, ss, cnt,
         M, I, K, splits, per_split * BK, P * M * 2 * I, int(bypass), 1.0 / K, float(eps),
         *u.stride(), *(residual.stride() if has_res else (0, 0)), *(nw.stride() if has_norm else (0, 0)),
         *weight.stride(), *kout.stride(),
-        HAS_NORM=has_norm, HAS_RES=has_res, SPLIT=splits > 1, UPCAST=upcast, DOT_PREC=prec,
+        HAS_NORM=has_norm, HAS_RES=has_res, SPLIT=splits > 1, SERIAL=serial, UPCAST=upcast, DOT_PREC=prec,
         BM=BM, BN=BN, BK=BK, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-    if splits > 1:
+    if splits > 1 and not serial:
         if not kout.is_contiguous():
             raise ValueError("out must be contiguous")
         splitk_reduce(ws, kout.view(P * M, I), splits=splits, ss=ss if has_norm else None,

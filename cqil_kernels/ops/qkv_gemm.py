@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from ._common import (
-    check_out, compute_dtype, finish_out, kernel_out, dot_flags, gemm_blocks, pick_split_k, splitk_reduce, tl, triton,
-    use_triton, workspace, cdiv,
+    cdiv, check_out, compute_dtype, dot_flags, finish_out, gemm_blocks, kernel_out, last_to_arrive, pick_split_k,
+    serial_split, splitk_reduce, sum_split_rows, sum_splits, tile_counters, tl, triton, use_triton, workspace,
 )
 
 
@@ -35,12 +35,23 @@ def qkv_gemm_reference(x, norm_weight, weight, bias, eps):
 
 
 @triton.jit
+def _qkv_epilogue(acc, ss, b_ptr, out_ptr, rm, cols, mask, n_mask, inv_k, eps, stride_b, stride_om, stride_on,
+                  HAS_NORM: tl.constexpr, HAS_BIAS: tl.constexpr):
+    if HAS_NORM:
+        acc = acc * (1.0 / tl.sqrt(ss * inv_k + eps))[:, None]
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols * stride_b, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + rm.to(tl.int64)[:, None] * stride_om + cols[None, :] * stride_on,
+             acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _qkv_gemm_kernel(
-    x_ptr, nw_ptr, w_ptr, b_ptr, out_ptr, ws_ptr, ss_ptr,
-    M, N, K, NB_PER_LAYER, K_PER_SPLIT, PN, inv_k, eps,
+    x_ptr, nw_ptr, w_ptr, b_ptr, out_ptr, ws_ptr, ss_ptr, cnt_ptr,
+    M, N, K, NB_PER_LAYER, K_PER_SPLIT, PN, SPLITS, inv_k, eps,
     stride_xm, stride_xk, stride_nwp, stride_nwk, stride_wn, stride_wk, stride_b,
     stride_om, stride_on,
-    HAS_NORM: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
+    HAS_NORM: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, SERIAL: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):
@@ -76,30 +87,38 @@ def _qkv_gemm_kernel(
             acc = tl.dot(xt.to(tl.float32), wt.to(tl.float32), acc, input_precision=DOT_PREC)
         else:
             acc = tl.dot(xt.to(wt.dtype), wt, acc, input_precision=DOT_PREC)
+    mask = m_mask[:, None] & n_mask[None, :]
     if SPLIT:
-        ws = ws_ptr + pid_k.to(tl.int64) * M * PN
-        tl.store(ws + rm.to(tl.int64)[:, None] * PN + cols[None, :], acc,
-                 mask=m_mask[:, None] & n_mask[None, :])
+        # workspace [SPLITS, M, PN]; partial sums of squares [SPLITS, n-blocks, M] (every N-block
+        # computed the same sum; each writes its own copy, so a tile's last program finds them all)
+        split_stride = M * PN
+        tile_ws = ws_ptr + rm.to(tl.int64)[:, None] * PN + cols[None, :]
+        tl.store(tile_ws + pid_k.to(tl.int64) * split_stride, acc, mask=mask)
+        ss_stride = tl.num_programs(1) * M
+        tile_ss = ss_ptr + pid_n * M + rm
         if HAS_NORM:
-            # Every N-block computed the same partial sum of squares; block 0 writes it.
-            tl.store(ss_ptr + pid_k * M + rm, ss, mask=m_mask & (pid_n == 0))
+            tl.store(tile_ss + pid_k * ss_stride, ss, mask=m_mask)
+        if SERIAL:
+            if last_to_arrive(cnt_ptr + pid_m * tl.num_programs(1) + pid_n, SPLITS):
+                acc = sum_splits(tile_ws, split_stride, SPLITS, mask, BM, BN)
+                if HAS_NORM:
+                    ss = sum_split_rows(tile_ss, ss_stride, SPLITS, m_mask, BM)
+                _qkv_epilogue(acc, ss, b_ptr, out_ptr, rm, cols, mask, n_mask, inv_k, eps, stride_b,
+                              stride_om, stride_on, HAS_NORM, HAS_BIAS)
     else:
-        if HAS_NORM:
-            acc = acc * (1.0 / tl.sqrt(ss * inv_k + eps))[:, None]
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + cols * stride_b, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + rm.to(tl.int64)[:, None] * stride_om + cols[None, :] * stride_on,
-                 acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+        _qkv_epilogue(acc, ss, b_ptr, out_ptr, rm, cols, mask, n_mask, inv_k, eps, stride_b,
+                      stride_om, stride_on, HAS_NORM, HAS_BIAS)
 
 
-def qkv_gemm_launch(x, norm_weight, weight, bias, eps, dest, split_k=None):
+def qkv_gemm_launch(x, norm_weight, weight, bias, eps, dest, split_k=None, serial=False):
     """Launch the GEMM kernel only. Returns ``(splits, ws, ss)``.
 
-    With one split the kernel writes the finished result (rstd and bias applied) into ``dest``
-    ([M, P*N], any float dtype) and ``ws`` / ``ss`` are None. With more, ``ws`` holds the fp32
-    partial dots [splits, M, P*N] and ``ss`` the partial sums of squares [splits, M] (None without
-    a norm); the caller's epilogue (``splitk_reduce``, or a consumer kernel such as
-    ``qkv_rope_cache``) must sum them and apply rstd and bias.
+    With one split, or with ``serial`` (the last program of each tile finishes it, see
+    ``_common.SPLITK_MODE``), the kernel writes the finished result (rstd and bias applied) into
+    ``dest`` ([M, P*N], any float dtype). Otherwise ``ws`` holds the fp32 partial dots
+    [splits, M, P*N] and ``ss`` the partial sums of squares [splits, n_blocks, M] (None without a
+    norm; every n-block holds the same sums), and the caller's epilogue (``splitk_reduce``, or a
+    consumer kernel such as ``qkv_rope_cache``) must sum them and apply rstd and bias.
     """
     M, K = x.shape
     PN = weight.shape[0]
@@ -116,17 +135,19 @@ def qkv_gemm_launch(x, norm_weight, weight, bias, eps, dest, split_k=None):
     has_norm = norm_weight is not None
     if splits > 1:
         ws = workspace((splits, M, PN), x)
-        ss = workspace((splits, M), x) if has_norm else None
+        ss = workspace((splits, nb * P, M), x) if has_norm else None
     else:
         ws = ss = None
     nw = norm_weight if has_norm else weight
     b = bias if bias is not None else weight
+    serial = serial and splits > 1
+    cnt = tile_counters(x, mb * nb * P) if serial else dest
     _qkv_gemm_kernel[(mb, nb * P, splits)](
-        x, nw, weight, b, dest, ws if ws is not None else dest, ss if ss is not None else dest,
-        M, N, K, nb, per_split * BK, PN, 1.0 / K, float(eps),
+        x, nw, weight, b, dest, ws if ws is not None else dest, ss if ss is not None else dest, cnt,
+        M, N, K, nb, per_split * BK, PN, splits, 1.0 / K, float(eps),
         *x.stride(), *(nw.stride() if has_norm else (0, 0)), *weight.stride(),
         b.stride(0) if bias is not None else 0, *dest.stride(),
-        HAS_NORM=has_norm, HAS_BIAS=bias is not None, SPLIT=splits > 1,
+        HAS_NORM=has_norm, HAS_BIAS=bias is not None, SPLIT=splits > 1, SERIAL=serial,
         UPCAST=upcast, DOT_PREC=prec, BM=BM, BN=BN, BK=BK,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
@@ -140,8 +161,9 @@ def qkv_gemm_triton(x, norm_weight, weight, bias, eps, *, out=None, split_k=None
     PN = weight.shape[0]
     out = check_out(out, (M, PN), x)
     kout = kernel_out(out)
-    splits, ws, ss = qkv_gemm_launch(x, norm_weight, weight, bias, eps, kout, split_k)
-    if splits > 1:
+    serial = serial_split()
+    splits, ws, ss = qkv_gemm_launch(x, norm_weight, weight, bias, eps, kout, split_k, serial)
+    if splits > 1 and not serial:
         splitk_reduce(ws, kout, splits=splits, ss=ss, inv_k=1.0 / K,
                       eps=float(eps), bias2d=None if bias is None else bias.view(1, PN),
                       rows_per_bias=max(M, 1))

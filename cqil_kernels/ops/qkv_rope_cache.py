@@ -100,7 +100,7 @@ def _reduced_half(src_ptr, row_off, col, offs, hmask, SPLITS, SPLIT_STRIDE):
 @triton.jit
 def _rope_cache_kernel(
     src_ptr, ss_ptr, b_ptr, cos_ptr, sin_ptr, qn_ptr, kn_ptr, q_ptr, kc_ptr, vc_ptr, slot_ptr,
-    M, PN, SPLIT_STRIDE, SPLITS, NH, NKV, HALF, T, LAYER0, inv_k, eps, qk_eps,
+    M, PN, SPLIT_STRIDE, SS_SPLIT_STRIDE, SPLITS, NH, NKV, HALF, T, LAYER0, inv_k, eps, qk_eps,
     stride_cm, stride_cd, stride_sm, stride_sd, stride_qnp, stride_qnd, stride_knp, stride_knd,
     stride_qm, stride_qh, stride_qd,
     stride_kl, stride_kb, stride_kh, stride_ks, stride_kd,
@@ -126,7 +126,7 @@ def _rope_cache_kernel(
     if HAS_SS:
         ss = tl.load(ss_ptr + m)
         for s in range(1, SPLITS):
-            ss += tl.load(ss_ptr + s * M + m)
+            ss += tl.load(ss_ptr + s * SS_SPLIT_STRIDE + m)
         rstd = 1.0 / tl.sqrt(ss * inv_k + eps)
         x1 = x1 * rstd
         x2 = x2 * rstd
@@ -193,6 +193,7 @@ def qkv_rope_cache_triton(x, norm_weight, weight, bias, eps, cos, sin, q_norm, k
     elif out.shape != (M, P * nh, D) or out.dtype != x.dtype:
         raise ValueError(f"out must be {(M, P * nh, D)} {x.dtype}, got {tuple(out.shape)} {out.dtype}")
     # One split: the GEMM applies rstd and bias itself and leaves fp32 rows for the second kernel.
+    # Several: this op's second kernel sums the partials (so no serial split-K in the GEMM).
     dest = workspace((M, PN), x)
     splits, ws, ss = qkv_gemm_launch(x, norm_weight, weight, bias, eps, dest, split_k)
     src = ws if splits > 1 else dest
@@ -206,7 +207,7 @@ def qkv_rope_cache_triton(x, norm_weight, weight, bias, eps, cos, sin, q_norm, k
     kn = k_norm if has_qk else dummy
     _rope_cache_kernel[(M, P * (nh + nkv))](
         src, ss if has_ss else dummy, bias if has_bias else dummy, cos, sin, qn, kn, out, k_cache, v_cache, slot,
-        M, PN, M * PN, splits, nh, nkv, D // 2, tokens_per_seq, layer0, 1.0 / K, float(eps), float(qk_eps),
+        M, PN, M * PN, ss.stride(0) if has_ss else 0, splits, nh, nkv, D // 2, tokens_per_seq, layer0, 1.0 / K, float(eps), float(qk_eps),
         *cos.stride(), *sin.stride(), *(q_norm.stride() if has_qk else (0, 0)),
         *(k_norm.stride() if has_qk else (0, 0)), *out.stride(), *k_cache.stride(), *v_cache.stride(),
         HAS_SS=has_ss, HAS_BIAS=has_bias, HAS_QKNORM=has_qk, RNE_BF16=any_bf16 and interpreted(x),

@@ -1,0 +1,121 @@
+"""Split-K finishing: the last program of each tile reduces ("serial", one launch) or a second
+reduction kernel does ("kernel"). Same partials, same order: the results must be identical, the
+arrival counters must be back at zero, and "serial" must launch one kernel per GEMM."""
+
+import pytest
+import torch
+
+from cqil_kernels.launches import LaunchCounter
+from ops_testing import norm_weight, randn
+from ops_testing import poisoned_workspaces  # noqa: F401  (fixture)
+
+pytestmark = [pytest.mark.interpreter, pytest.mark.usefixtures("poisoned_workspaces")]
+
+
+def _cases(device, dtype=torch.float32, M=3, seed=0, H=97, I=71):
+    """(name, call(split_k)) for every split-K GEMM op, on odd shapes."""
+    from cqil_kernels.ops.batched_gemm import batched_gemm_triton
+    from cqil_kernels.ops.down_sum import down_sum_triton
+    from cqil_kernels.ops.gate_up import gate_up_silu_triton
+    from cqil_kernels.ops.qkv_gemm import qkv_gemm_triton
+
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s, scale=1.0: randn(*s, dtype=dtype, device=device, scale=scale, generator=g)  # noqa: E731
+    P, N = 3, 37
+    x, nw, w_qkv, b = r(M, H, scale=3.0), norm_weight(P, H, dtype, device, g), r(P * N, H, scale=0.1), r(P * N)
+    xo, wo = r(P, M, H), r(P, N, H, scale=0.1)
+    a, w_gu, res = r(P, M, H), r(P, 2 * I, H, scale=0.1), r(M, H, scale=3.0)
+    mm, wd, attn = r(P, M, I), r(P, H, I, scale=0.1), r(P, M, H)
+    return [
+        ("qkv_gemm", lambda k: qkv_gemm_triton(x, nw, w_qkv, b, 1e-6, split_k=k)),
+        ("batched_gemm", lambda k: batched_gemm_triton(xo, wo, b.view(P, N), split_k=k)),
+        ("gate_up_silu", lambda k: gate_up_silu_triton(a, nw, w_gu, 1e-6, res, 1, split_k=k)),
+        ("down_sum", lambda k: down_sum_triton(mm, wd, res, attn, split_k=k)),
+    ]
+
+
+@pytest.mark.parametrize("op", ["qkv_gemm", "batched_gemm", "gate_up_silu", "down_sum"])
+@pytest.mark.parametrize("M", [1, 3, 17])
+def test_serial_and_kernel_reduction_agree(device, monkeypatch, op, M):
+    from cqil_kernels.ops import _common
+
+    call = dict(_cases(device, M=M))[op]
+    monkeypatch.setattr(_common, "SPLITK_MODE", "kernel")
+    with LaunchCounter() as c_kernel:
+        want = call(3)
+    monkeypatch.setattr(_common, "SPLITK_MODE", "serial")
+    with LaunchCounter() as c_serial:
+        got = call(3)
+    assert c_kernel.triton_launches() == 2 and c_serial.triton_launches() == 1
+    assert not torch.isnan(got).any()
+    if device == "cpu":  # the interpreter runs the same fp32 adds in the same order
+        assert torch.equal(got, want)
+    else:
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert not _common.tile_counters(got, 1).any(), "arrival counters were not reset"
+    # and the unsplit kernel agrees within rounding
+    torch.testing.assert_close(call(1), got, rtol=1e-4, atol=1e-4)
+
+
+def test_counters_grow_and_stay_zero(device):
+    from cqil_kernels.ops import _common
+
+    t = torch.empty(1, device=device)
+    buf = _common.tile_counters(t, 10)
+    assert buf.dtype == torch.int32 and buf.numel() >= 4096 and not buf.any()
+    assert _common.tile_counters(t, 10) is buf
+    big = _common.tile_counters(t, buf.numel() + 1)
+    assert big.numel() > buf.numel() and not big.any()
+
+
+@pytest.mark.parametrize("op", ["qkv_gemm", "batched_gemm", "gate_up_silu", "down_sum"])
+def test_serial_split_k_is_deterministic_on_gpu(cuda_device, op):
+    """A race in the last-arrival reduction shows up as a result that changes between runs."""
+    from cqil_kernels.ops import _common
+
+    # K spans several 128-wide blocks so the GPU tiles can split 8 ways
+    call = dict(_cases(cuda_device, dtype=torch.bfloat16, M=1, H=1100, I=1030))[op]
+    first = call(8).clone()
+    for _ in range(200):
+        assert torch.equal(call(8), first)
+    torch.cuda.synchronize()
+    assert not _common.tile_counters(first, 1).any()
+
+
+@pytest.mark.parametrize("B,P,NH,NKV,D,S,L,holes,num_splits", [
+    (2, 2, 4, 2, 16, 200, 170, True, 4),
+    (1, 3, 6, 3, 8, 100, 100, False, 3),
+    (3, 1, 2, 2, 24, 90, 40, True, 5),   # more splits asked than KV blocks: capped
+])
+def test_decode_attention_serial_and_kernel_combine_agree(device, monkeypatch, B, P, NH, NKV, D, S, L, holes, num_splits):
+    from cqil_kernels.ops import _common
+    from cqil_kernels.ops.decode_attention import decode_attention_triton
+    from test_ops_decode_attention import _inputs
+
+    q, ks, vs, mask = _inputs(B, P, NH, NKV, D, S, L, torch.float32, device, holes, shared=True)
+    outs, launches = {}, {}
+    for mode in ("kernel", "serial"):
+        monkeypatch.setattr(_common, "SPLITK_MODE", mode)
+        with LaunchCounter() as c:
+            outs[mode] = decode_attention_triton(q, ks, vs, mask, L, D ** -0.5, num_splits=num_splits)
+        launches[mode] = c.triton_launches()
+    assert launches == {"kernel": 2, "serial": 1}
+    assert not torch.isnan(outs["serial"]).any()
+    if device == "cpu":
+        assert torch.equal(outs["serial"], outs["kernel"])
+    else:
+        torch.testing.assert_close(outs["serial"], outs["kernel"], rtol=1e-6, atol=1e-6)
+    assert not _common.tile_counters(q, 1).any()
+
+
+def test_serial_decode_attention_is_deterministic_on_gpu(cuda_device):
+    from cqil_kernels.ops import _common
+    from cqil_kernels.ops.decode_attention import decode_attention_triton
+    from test_ops_decode_attention import _inputs
+
+    q, ks, vs, mask = _inputs(2, 2, 9, 3, 64, 4096, 3000, torch.bfloat16, cuda_device, True, shared=True)
+    first = decode_attention_triton(q, ks, vs, mask, 3000, 0.125).clone()
+    for _ in range(200):
+        assert torch.equal(decode_attention_triton(q, ks, vs, mask, 3000, 0.125), first)
+    torch.cuda.synchronize()
+    assert not _common.tile_counters(q, 1).any()
