@@ -57,14 +57,15 @@ def _up(obj, dtype):
 
 def verify(name, got, ref_fn, args):
     """The error-budget check of the tests: error vs an upcast reference <= 2x torch's own error
-    at the working precision + 1 ulp at the output scale. Raises on failure."""
+    at the working precision + 4 ulps at the output scale (tests/ops_testing.py says why). Raises
+    on failure."""
     import torch
 
     ref_hi = ref_fn(*_up(list(args), _hi(got.dtype)))
     ref_lo = ref_fn(*args)
     err = (got.double() - ref_hi.double()).abs().max().item()
     terr = (ref_lo.double() - ref_hi.double()).abs().max().item()
-    floor = torch.finfo(got.dtype).eps * max(ref_hi.abs().max().item(), 1e-3)
+    floor = 4 * torch.finfo(got.dtype).eps * max(ref_hi.abs().max().item(), 1e-3)
     if not err <= 2 * terr + floor:  # also catches NaN
         raise AssertionError(f"{name}: error {err:.3e} > 2 x torch error {terr:.3e} + {floor:.1e}")
     return err
@@ -99,9 +100,19 @@ def _cases(model, cfg, Ms, Ps, dtype, device):
     import torch.nn.functional as F
 
     from cqil_kernels.ops import (
-        batched_gemm, batched_gemm_reference, decode_attention, decode_attention_reference, down_sum,
-        down_sum_reference, gate_up_silu, gate_up_silu_reference, qkv_gemm, qkv_gemm_reference,
+        _common, batched_gemm, batched_gemm_reference, decode_attention, decode_attention_reference, down_sum,
+        down_sum_reference, gate_up_silu, gate_up_silu_reference, qkv_gemm, qkv_gemm_reference, qkv_rope_cache,
+        qkv_rope_cache_reference,
     )
+
+    def kernel_reduce(fn, *a):
+        """The same op with SPLITK_MODE = "kernel" (separate reduction launch) for the A/B."""
+        old = _common.SPLITK_MODE
+        _common.SPLITK_MODE = "kernel"
+        try:
+            return fn(*a)
+        finally:
+            _common.SPLITK_MODE = old
 
     H, nh, nkv, D, I, L = (cfg[k] for k in ("H", "nh", "nkv", "D", "I", "L"))
     N = (nh + 2 * nkv) * D
@@ -124,22 +135,41 @@ def _cases(model, cfg, Ms, Ps, dtype, device):
             per_layer = [w_qkv[j * N:(j + 1) * N] for j in range(P)]
             yield ("qkv_gemm", M, P, eb * (P * N * H + P * H + M * H + M * P * N), {
                 "triton_fused": lambda: qkv_gemm(*args),
+                "triton_kernel_reduce": lambda: kernel_reduce(qkv_gemm, *args),
                 "cublas_per_layer": lambda: [F.linear(x, w) for w in per_layer],
                 "torch_mm_stacked": lambda: F.linear(x, w_qkv),
             }, lambda: verify("qkv_gemm", qkv_gemm(*args), qkv_gemm_reference, args))
+
+            # QKV + RoPE + KV-cache write of one decode step (the engine's first two launches),
+            # against the same math as torch ops (the reference: GEMM, head split, RoPE, index_copy)
+            kc = rnd(P, M, nkv, 64, D)
+            vc = rnd(P, M, nkv, 64, D)
+            ang = torch.rand(M, D // 2, generator=g).to(device) * 100
+            cos = torch.cat([ang, ang], -1).cos().to(dtype)
+            sin = torch.cat([ang, ang], -1).sin().to(dtype)
+            slot = torch.tensor([17], device=device)
+            args_r = (x, g1, w_qkv, None, 1e-6, cos, sin, None, None, 0.0, kc, vc, 0, slot, 1, nh)
+            yield ("qkv_rope_cache", M, P, eb * (P * N * H + P * H + M * H + M * P * N), {
+                "triton_fused": lambda: qkv_rope_cache(*args_r),
+                "torch_ops": lambda: qkv_rope_cache_reference(*args_r),
+            }, lambda: verify("qkv_rope_cache", qkv_rope_cache(*args_r), qkv_rope_cache_reference, args_r))
 
             xa = rnd(P, M, nh * D)
             args_o = (xa, w_o)
             yield ("batched_gemm", M, P, eb * (P * H * nh * D + P * M * nh * D + P * M * H), {
                 "triton_fused": lambda: batched_gemm(*args_o),
+                "triton_kernel_reduce": lambda: kernel_reduce(batched_gemm, *args_o),
                 "cublas_per_layer": lambda: [F.linear(xa[j], w_o[j]) for j in range(P)],
                 "torch_bmm_stacked": lambda: torch.bmm(xa, w_o.transpose(1, 2)),
             }, lambda: verify("batched_gemm", batched_gemm(*args_o), batched_gemm_reference, args_o))
 
+            # as the engine calls it: attention outputs + residual, the MLP input formed in the prologue
             u = rnd(P, M, H, scale=3.0)
-            args_gu = (u, g2, w_gu, 1e-6)
-            yield ("gate_up_silu", M, P, eb * (P * 2 * I * H + P * H + P * M * H + P * M * I), {
+            h_res = rnd(M, H, scale=3.0)
+            args_gu = (u, g2, w_gu, 1e-6, h_res, 0)
+            yield ("gate_up_silu", M, P, eb * (P * 2 * I * H + P * H + P * M * H + M * H + P * M * I), {
                 "triton_fused": lambda: gate_up_silu(*args_gu),
+                "triton_kernel_reduce": lambda: kernel_reduce(gate_up_silu, *args_gu),
                 "cublas_per_layer": lambda: [F.linear(u[j], w_gu[j]) for j in range(P)],  # GEMM only
                 "torch_bmm_stacked": lambda: torch.bmm(u, w_gu.transpose(1, 2)),           # GEMM only
             }, lambda: verify("gate_up_silu", gate_up_silu(*args_gu), gate_up_silu_reference, args_gu))
@@ -150,6 +180,7 @@ def _cases(model, cfg, Ms, Ps, dtype, device):
             args_d = (m, w_d, res, attn)
             yield ("down_sum", M, P, eb * (P * H * I + P * M * I + M * H + P * M * H + M * H), {
                 "triton_fused": lambda: down_sum(*args_d),
+                "triton_kernel_reduce": lambda: kernel_reduce(down_sum, *args_d),
                 "cublas_per_layer": lambda: [F.linear(m[j], w_d[j]) for j in range(P)],  # GEMMs only
                 "torch_bmm_sum": lambda: res + attn.sum(0) + torch.bmm(m, w_d.transpose(1, 2)).sum(0),
             }, lambda: verify("down_sum", down_sum(*args_d), down_sum_reference, args_d))
@@ -165,6 +196,7 @@ def _cases(model, cfg, Ms, Ps, dtype, device):
             gqa = dict(enable_gqa=True) if nkv != nh else {}
             yield ("decode_attention", M, P, eb * (2 * P * B * nkv * L * D + 2 * B * P * nh * D), {
                 "triton_fused": lambda: decode_attention(*args_a),
+                "triton_kernel_combine": lambda: kernel_reduce(decode_attention, *args_a),
                 "sdpa_per_layer": lambda: [F.scaled_dot_product_attention(qs[j], ks[j], vs[j], scale=D ** -0.5, **gqa)
                                            for j in range(P)],
             }, lambda: verify("decode_attention", decode_attention(*args_a), decode_attention_reference, args_a))
