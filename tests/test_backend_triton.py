@@ -65,3 +65,17 @@ def test_triton_backend_generate_tokens_match(device):
     ids = torch.tensor([[0, 7, 8, 9], [1, 2, 3, 4]], device=device)
     kw = dict(input_ids=ids, attention_mask=(ids != 0).long(), max_new_tokens=4, do_sample=False, pad_token_id=0)
     assert torch.equal(model.generate(**kw), torch_model.generate(**kw))
+
+
+def test_prefill_sized_gemms_go_to_cublas_only_on_a_gpu(monkeypatch):
+    """Routing policy of the Triton op set: more than PREFILL_M rows on CUDA -> torch (cuBLAS)."""
+    from cqil_kernels.backends import triton_ops
+
+    class FakeCuda:
+        is_cuda = True
+
+    assert triton_ops._to_cublas(FakeCuda(), triton_ops.PREFILL_M + 1)
+    assert not triton_ops._to_cublas(FakeCuda(), 16)
+    assert not triton_ops._to_cublas(torch.empty(1), 4096)  # CPU: the kernels (interpreter) at every size
+    monkeypatch.setattr(triton_ops, "PREFILL_M", None)
+    assert not triton_ops._to_cublas(FakeCuda(), 4096)

@@ -3,15 +3,62 @@
 Prefill attention goes through the model's own attention function (SDPA/flash), which handles
 every mask form transformers produces; decode attention runs the group's P*nh heads in one
 kernel when the mask is one this adapter understands, and falls back otherwise.
+
+Prefill-sized GEMMs (more than ``PREFILL_M`` rows) on a GPU go to the torch references, i.e.
+cuBLAS: there the GEMMs are compute-bound, cuBLAS is the stronger kernel and the fusions save
+little, and the issue's prefill target is parity with the unconverted model, which uses cuBLAS.
+Decode-sized GEMMs, where the fusions and split-K pay, run the Triton kernels. Under the
+interpreter (CPU tests) every size runs the kernels. Set ``PREFILL_M = None`` to always use them
+(``benchmarks/bench_kernels.py`` times both at prefill sizes).
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..ops import batched_gemm, down_sum, gate_up_silu, qkv_gemm, qkv_rope_cache  # noqa: F401
+from ..ops import (
+    batched_gemm as _batched_gemm,
+    batched_gemm_reference,
+    down_sum as _down_sum,
+    down_sum_reference,
+    gate_up_silu as _gate_up_silu,
+    gate_up_silu_reference,
+    qkv_gemm as _qkv_gemm,
+    qkv_gemm_reference,
+    qkv_rope_cache,  # noqa: F401  (decode only: always the kernels)
+)
 from ..ops import decode_attention as _decode_attention
 from .torch_ops import rms_norm  # noqa: F401  (Qwen3 q/k norm: tiny, stays in torch)
+
+PREFILL_M: int | None = 64
+
+
+def _to_cublas(t: torch.Tensor, rows: int) -> bool:
+    return PREFILL_M is not None and t.is_cuda and rows > PREFILL_M
+
+
+def qkv_gemm(x, norm_weight, weight, bias, eps):
+    """``ops.qkv_gemm``; x [M, H] (cuBLAS reference when M > PREFILL_M on a GPU)."""
+    fn = qkv_gemm_reference if _to_cublas(x, x.shape[0]) else _qkv_gemm
+    return fn(x, norm_weight, weight, bias, eps)
+
+
+def batched_gemm(x, weight, bias=None):
+    """``ops.batched_gemm``; x [P, M, K]."""
+    fn = batched_gemm_reference if _to_cublas(x, x.shape[1]) else _batched_gemm
+    return fn(x, weight, bias)
+
+
+def gate_up_silu(u, norm_weight, weight, eps, residual=None, bypass=0):
+    """``ops.gate_up_silu``; u [P, M, H]."""
+    fn = gate_up_silu_reference if _to_cublas(u, u.shape[1]) else _gate_up_silu
+    return fn(u, norm_weight, weight, eps, residual, bypass)
+
+
+def down_sum(m, weight, residual, attn=None):
+    """``ops.down_sum``; m [P, M, I]."""
+    fn = down_sum_reference if _to_cublas(m, m.shape[1]) else _down_sum
+    return fn(m, weight, residual, attn)
 
 
 def kv_mask_from_hf(attention_mask, kv_len: int, batch: int):
