@@ -174,6 +174,10 @@ def convert(model, plan: CQILPlan | dict | None = None, backend: str = "auto"):
             layer._cqil_leader = pos == 0
     setattr(model.config, CONFIG_KEY, plan.to_dict())
     model._cqil_backend = backend
+    if backend == "triton" and device.type == "cuda":
+        from .ops._common import reserve_tile_counters  # the serial split-K counters, before any capture
+
+        reserve_tile_counters(device)
     return model
 
 

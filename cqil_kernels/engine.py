@@ -80,6 +80,10 @@ class DecodeEngine:
         p = next(model.parameters())
         self.device, self.dtype = p.device, inner.embed_tokens.weight.dtype
         self.backend = resolve_backend(backend, self.device)
+        if self.backend == "triton" and self.device.type == "cuda":
+            from .ops._common import reserve_tile_counters  # before any graph capture
+
+            reserve_tile_counters(self.device)
         self.cuda_graph = (self.device.type == "cuda") if cuda_graph is None else bool(cuda_graph)
         if self.cuda_graph and self.device.type != "cuda":
             raise ValueError("cuda_graph=True needs the model on a CUDA device")

@@ -119,3 +119,32 @@ def test_serial_decode_attention_is_deterministic_on_gpu(cuda_device):
         assert torch.equal(decode_attention_triton(q, ks, vs, mask, 3000, 0.125), first)
     torch.cuda.synchronize()
     assert not _common.tile_counters(q, 1).any()
+
+
+def test_reserved_counters_are_reused(device):
+    """reserve_tile_counters allocates once; the ops then reuse that buffer (no allocation later,
+    e.g. inside a CUDA-graph capture)."""
+    from cqil_kernels.ops import _common
+
+    t = torch.empty(1, device=device)
+    _common.reserve_tile_counters(t.device)
+    buf = _common.tile_counters(t, 1)
+    assert buf.numel() >= _common._RESERVED_TILES
+    call = dict(_cases(device))["down_sum"]
+    call(3)
+    assert _common.tile_counters(t, 1) is buf and not buf.any()
+
+
+def test_convert_and_engine_reserve_counters_on_gpu(cuda_device, monkeypatch):
+    import cqil_kernels as ck
+    from cqil_kernels.ops import _common
+    from tiny_models import make_tiny
+
+    monkeypatch.setattr(_common, "_COUNTERS", {})
+    model = make_tiny("llama").to(cuda_device)
+    ck.convert(model, ck.CQILPlan(groups=[[1, 2]]), backend="triton")
+    dev = torch.device("cuda", torch.cuda.current_device())
+    assert dev in _common._COUNTERS
+    monkeypatch.setattr(_common, "_COUNTERS", {})
+    ck.DecodeEngine(model, max_batch_size=1, max_length=16, backend="triton")
+    assert dev in _common._COUNTERS

@@ -303,19 +303,33 @@ def serial_split() -> bool:
     return SPLITK_MODE == "serial"
 
 
+# Split-K only happens below 2 programs per SM, so a tile count never comes near this.
+_RESERVED_TILES = 4096
+
+
 def tile_counters(t: torch.Tensor, tiles: int) -> torch.Tensor:
     """Zeroed int32 arrival counters for ``tiles`` output tiles on t's device.
 
-    One buffer per device, allocated on first use (before any CUDA-graph capture when a warm-up
-    step ran first) and reused by every split GEMM: a tile's last program resets its counter, so
-    the buffer is all zeros again when the kernel ends. Kernels that use it must not run
-    concurrently on two streams.
+    One buffer per device, reused by every split GEMM: a tile's last program resets its counter,
+    so the buffer is all zeros again when the kernel ends. Kernels that use it must not run
+    concurrently on two streams. Allocated on first use unless :func:`reserve_tile_counters` ran
+    first; ``convert(backend="triton")`` and ``DecodeEngine`` reserve it up front, so it is never
+    allocated inside a CUDA-graph capture or a compiled region's private memory pool (whose state
+    cudagraph trees may rewind, which would hand the live counters to other tensors).
     """
     buf = _COUNTERS.get(t.device)
     if buf is None or buf.numel() < tiles:
-        buf = torch.zeros(max(int(tiles), 4096), dtype=torch.int32, device=t.device)
+        buf = torch.zeros(max(int(tiles), _RESERVED_TILES), dtype=torch.int32, device=t.device)
         _COUNTERS[t.device] = buf
     return buf
+
+
+def reserve_tile_counters(device) -> None:
+    """Allocate ``device``'s split-K arrival counters now (call outside graph capture/compilation)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    tile_counters(torch.empty(0, device=device), _RESERVED_TILES)
 
 
 @triton.jit
