@@ -15,7 +15,8 @@ import cqil_kernels
 
 
 def timed_generate(model, ids, tokens, device):
-    cqil_kernels.generate(model, ids, max_new_tokens=4)  # warm-up: build the engine, capture the graph
+    # warm-up with the same length: builds the engine (sized for prompt + tokens) and captures the graph
+    cqil_kernels.generate(model, ids, max_new_tokens=tokens)
     if device == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
