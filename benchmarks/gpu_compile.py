@@ -143,6 +143,8 @@ def compile_record(rec: dict, target, ptxas_info: bool = False) -> dict:
            "num_warps": options.num_warps, "num_stages": options.num_stages, "tag": rec.get("tag")}
     if ptxas_info:
         out.update(_ptxas_info(compiled.asm["ptx"]))
+    if rec.get("keep_ptx"):
+        out["ptx"] = compiled.asm["ptx"]
     return out
 
 

@@ -67,3 +67,41 @@ def test_all_kernels_compile_for_h100(device, monkeypatch, tmp_path):
     assert len(results) == len(records)
     # H100: 228 KB of shared memory per SM, at most 227 KB per block
     assert max(r["shared"] for r in results) <= 227 * 1024
+
+
+@pytest.mark.parametrize("op", ["batched_gemm", "decode_attention"])
+def test_serial_split_k_ptx_orders_stores_barrier_atomic_loads(device, op):
+    """The memory-ordering pattern of the serial split-K (CUTLASS's serial split-K semaphore), as
+    compiled for sm_90: every partial store, then a CTA barrier, then one thread's gpu-scope
+    acq_rel atomic, then a barrier, then the partials read through L2 (ld.global.cg)."""
+    pytest.importorskip("triton")
+    if device != "cpu":
+        pytest.skip("records through the interpreter")
+    from gpu_compile import LaunchRecorder
+    from sm90_resources import as_on_gpu, compile_records
+
+    bf = torch.bfloat16
+    with as_on_gpu(), LaunchRecorder(dry=True) as rec:
+        if op == "batched_gemm":
+            from cqil_kernels.ops.batched_gemm import batched_gemm_triton
+
+            batched_gemm_triton(torch.empty(2, 1, 4096, dtype=bf), torch.empty(2, 4096, 4096, dtype=bf))
+        else:
+            from cqil_kernels.ops.decode_attention import decode_attention_triton
+
+            kb = torch.empty(2, 1, 3, 2112, 64, dtype=bf)
+            decode_attention_triton(torch.empty(1, 18, 64, dtype=bf), list(kb.unbind(0)), list(kb.unbind(0)),
+                                    torch.ones(1, 2112, dtype=torch.bool), 2112, 0.125)
+    records = [dict(r, keep_ptx=True) for r in rec.unique() if "SERIAL" in r["kwargs"]]
+    assert records and all(r["kwargs"]["SERIAL"]["value"] for r in records)
+    (result,) = compile_records(records, arch=90, ptxas_info=False)
+    lines = [ln.strip() for ln in result["ptx"].splitlines()]
+    atom = next(i for i, ln in enumerate(lines) if "atom.global.gpu.acq_rel.add" in ln)
+    stores = [i for i, ln in enumerate(lines[:atom]) if "st.global" in ln]
+    barrier_before = [i for i, ln in enumerate(lines[:atom]) if ln.startswith("bar.sync")]
+    assert stores and barrier_before and barrier_before[-1] > stores[-1], "no CTA barrier between partial stores and the atomic"
+    assert lines[atom].startswith("@%p"), "the arrival atomic must be issued by one thread"
+    after = lines[atom + 1:]
+    barrier_after = next(i for i, ln in enumerate(after) if ln.startswith("bar.sync"))
+    partial_loads = [i for i, ln in enumerate(after) if "ld.global.cg" in ln]
+    assert partial_loads and partial_loads[0] > barrier_after, "partials read before the arrival count is shared"
