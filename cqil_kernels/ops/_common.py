@@ -346,23 +346,24 @@ def last_to_arrive(cnt_ptr, SPLITS):
 
 
 @triton.jit
-def sum_splits(ptrs, split_stride, SPLITS, mask, BM: tl.constexpr, BN: tl.constexpr):
-    """Sum of the SPLITS fp32 partial tiles at ``ptrs + s * split_stride``, in split order. The
-    loads skip L1 (.cg): L1 is not coherent with other SMs' stores."""
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for _s in range(0, SPLITS):
-        acc += tl.load(ptrs, mask=mask, other=0.0, cache_modifier=".cg")
+def sum_splits(ptrs, split_stride, SPLITS, mask):
+    """Sum of the SPLITS fp32 partial blocks (any shape) at ``ptrs + s * split_stride``, in split
+    order. The loads skip L1 (.cg): L1 is not coherent with other SMs' stores."""
+    acc = tl.load(ptrs, mask=mask, other=0.0, cache_modifier=".cg")
+    for _s in range(1, SPLITS):
         ptrs += split_stride
+        acc += tl.load(ptrs, mask=mask, other=0.0, cache_modifier=".cg")
     return acc
 
 
 @triton.jit
-def sum_split_rows(ptrs, split_stride, SPLITS, mask, BM: tl.constexpr):
-    """Like :func:`sum_splits` for a [BM] vector (partial sums of squares)."""
-    acc = tl.zeros((BM,), dtype=tl.float32)
-    for _s in range(0, SPLITS):
-        acc += tl.load(ptrs, mask=mask, other=0.0, cache_modifier=".cg")
-        ptrs += split_stride
+def dot_acc(a, b, acc, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+    """``acc + a @ b`` in fp32: tensor cores in b's dtype, or fp32 operands under UPCAST (see
+    :func:`dot_flags`)."""
+    if UPCAST:
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=DOT_PREC)
+    else:
+        acc = tl.dot(a.to(b.dtype), b, acc, input_precision=DOT_PREC)
     return acc
 
 

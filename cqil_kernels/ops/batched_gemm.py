@@ -8,7 +8,7 @@ over all SMs (the weights dominate the bytes, so the whole GPU has to stream the
 import torch
 
 from ._common import (
-    cdiv, check_out, dot_flags, finish_out, gemm_blocks, kernel_out, last_to_arrive, pick_split_k,
+    cdiv, check_out, dot_flags, finish_out, gemm_blocks, kernel_out, dot_acc, last_to_arrive, pick_split_k,
     serial_split, splitk_reduce, sum_splits, tile_counters, tl, triton, use_triton, workspace,
 )
 
@@ -59,10 +59,7 @@ def _batched_gemm_kernel(
         k_mask = rk < K
         xt = tl.load(x_rows + rk[None, :] * stride_xk, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         wt = tl.load(w_cols + rk[:, None] * stride_wk, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        if UPCAST:
-            acc = tl.dot(xt.to(tl.float32), wt.to(tl.float32), acc, input_precision=DOT_PREC)
-        else:
-            acc = tl.dot(xt.to(wt.dtype), wt, acc, input_precision=DOT_PREC)
+        acc = dot_acc(xt, wt, acc, UPCAST, DOT_PREC)
     mask = m_mask[:, None] & n_mask[None, :]
     if SPLIT:
         # workspace [SPLITS, P*M, N]: row p*M + m
@@ -71,7 +68,7 @@ def _batched_gemm_kernel(
         if SERIAL:
             tile = (p * tl.num_programs(0) + pid_m) * tl.num_programs(1) + pid_n
             if last_to_arrive(cnt_ptr + tile, SPLITS):
-                acc = sum_splits(tile_ws, WS_STRIDE, SPLITS, mask, BM, BN)
+                acc = sum_splits(tile_ws, WS_STRIDE, SPLITS, mask)
                 _batched_epilogue(acc, b_ptr, out_ptr, p, p64, rm, rn, mask, n_mask, stride_bp, stride_bn,
                                   stride_op, stride_om, stride_on, HAS_BIAS)
     else:

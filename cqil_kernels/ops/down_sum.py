@@ -11,7 +11,7 @@ residual and the attention outputs are added in the epilogue (or in the split-K 
 import torch
 
 from ._common import (
-    cdiv, check_out, dot_flags, finish_out, gemm_blocks, kernel_out, last_to_arrive, pick_split_k,
+    cdiv, check_out, dot_flags, finish_out, gemm_blocks, kernel_out, dot_acc, last_to_arrive, pick_split_k,
     serial_split, splitk_reduce, sum_splits, tile_counters, tl, triton, use_triton, workspace,
 )
 
@@ -75,10 +75,7 @@ def _down_sum_kernel(
                      mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         wt = tl.load(w_cols + p64 * stride_wp + rk[:, None] * stride_wk,
                      mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        if UPCAST:
-            acc = tl.dot(xt.to(tl.float32), wt.to(tl.float32), acc, input_precision=DOT_PREC)
-        else:
-            acc = tl.dot(xt.to(wt.dtype), wt, acc, input_precision=DOT_PREC)
+        acc = dot_acc(xt, wt, acc, UPCAST, DOT_PREC)
     mask = m_mask[:, None] & n_mask[None, :]
     rm64 = rm.to(tl.int64)
     if SPLIT:
@@ -88,7 +85,7 @@ def _down_sum_kernel(
         tl.store(tile_ws + pid_k.to(tl.int64) * split_stride, acc, mask=mask)
         if SERIAL:
             if last_to_arrive(cnt_ptr + pid_m * tl.num_programs(1) + pid_n, SPLITS):
-                acc = sum_splits(tile_ws, split_stride, SPLITS, mask, BM, BN)
+                acc = sum_splits(tile_ws, split_stride, SPLITS, mask)
                 _down_sum_epilogue(acc, res_ptr, attn_ptr, out_ptr, rm64, rn, mask, P, stride_rm, stride_rn,
                                    stride_ap, stride_am, stride_an, stride_om, stride_on, HAS_ATTN)
     else:

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from ._common import (
-    cdiv, check_out, compute_dtype, dot_flags, finish_out, gemm_blocks, kernel_out, last_to_arrive,
-    pick_split_k, serial_split, splitk_reduce, sum_split_rows, sum_splits, tile_counters, tl, triton,
+    cdiv, check_out, compute_dtype, dot_flags, finish_out, gemm_blocks, kernel_out, dot_acc, last_to_arrive,
+    pick_split_k, serial_split, splitk_reduce, sum_splits, tile_counters, tl, triton,
     use_triton, workspace,
 )
 
@@ -103,14 +103,8 @@ def _gate_up_kernel(
             ss += tl.sum(xf * xf, axis=1)
             g = tl.load(nw_ptr + p * stride_nwp + rk * stride_nwk, mask=k_mask, other=0.0)
             xt = xf * g.to(tl.float32)[None, :]
-        if UPCAST:
-            xt = xt.to(tl.float32)
-            acc_g = tl.dot(xt, wg.to(tl.float32), acc_g, input_precision=DOT_PREC)
-            acc_u = tl.dot(xt, wu.to(tl.float32), acc_u, input_precision=DOT_PREC)
-        else:
-            xt = xt.to(wg.dtype)
-            acc_g = tl.dot(xt, wg, acc_g, input_precision=DOT_PREC)
-            acc_u = tl.dot(xt, wu, acc_u, input_precision=DOT_PREC)
+        acc_g = dot_acc(xt, wg, acc_g, UPCAST, DOT_PREC)
+        acc_u = dot_acc(xt, wu, acc_u, UPCAST, DOT_PREC)
     mask = m_mask[:, None] & n_mask[None, :]
     if SPLIT:
         # workspace [SPLITS, P*M, 2I]: gate partials in columns [0, I), up partials in [I, 2I);
@@ -127,10 +121,10 @@ def _gate_up_kernel(
         if SERIAL:
             tile = (p * tl.num_programs(0) + pid_m) * tl.num_programs(1) + pid_n
             if last_to_arrive(cnt_ptr + tile, SPLITS):
-                acc_g = sum_splits(tile_ws, WS_STRIDE, SPLITS, mask, BM, BN)
-                acc_u = sum_splits(tile_ws + I, WS_STRIDE, SPLITS, mask, BM, BN)
+                acc_g = sum_splits(tile_ws, WS_STRIDE, SPLITS, mask)
+                acc_u = sum_splits(tile_ws + I, WS_STRIDE, SPLITS, mask)
                 if HAS_NORM:
-                    ss = sum_split_rows(tile_ss, SS_STRIDE, SPLITS, m_mask, BM)
+                    ss = sum_splits(tile_ss, SS_STRIDE, SPLITS, m_mask)
                 _gate_up_epilogue(acc_g, acc_u, ss, out_ptr, p64, rm, rn, mask, inv_k, eps,
                                   stride_op, stride_om, stride_on, HAS_NORM)
     else:

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from ._common import (
-    cdiv, check_out, compute_dtype, dot_flags, finish_out, gemm_blocks, kernel_out, last_to_arrive, pick_split_k,
-    serial_split, splitk_reduce, sum_split_rows, sum_splits, tile_counters, tl, triton, use_triton, workspace,
+    cdiv, check_out, compute_dtype, dot_flags, finish_out, gemm_blocks, kernel_out, dot_acc, last_to_arrive, pick_split_k,
+    serial_split, splitk_reduce, sum_splits, tile_counters, tl, triton, use_triton, workspace,
 )
 
 
@@ -83,10 +83,7 @@ def _qkv_gemm_kernel(
             ss += tl.sum(xf * xf, axis=1)
             g = tl.load(nw_ptr + layer * stride_nwp + rk * stride_nwk, mask=k_mask, other=0.0)
             xt = xf * g.to(tl.float32)[None, :]
-        if UPCAST:
-            acc = tl.dot(xt.to(tl.float32), wt.to(tl.float32), acc, input_precision=DOT_PREC)
-        else:
-            acc = tl.dot(xt.to(wt.dtype), wt, acc, input_precision=DOT_PREC)
+        acc = dot_acc(xt, wt, acc, UPCAST, DOT_PREC)
     mask = m_mask[:, None] & n_mask[None, :]
     if SPLIT:
         # workspace [SPLITS, M, PN]; partial sums of squares [SPLITS, n-blocks, M] (every N-block
@@ -100,9 +97,9 @@ def _qkv_gemm_kernel(
             tl.store(tile_ss + pid_k * ss_stride, ss, mask=m_mask)
         if SERIAL:
             if last_to_arrive(cnt_ptr + pid_m * tl.num_programs(1) + pid_n, SPLITS):
-                acc = sum_splits(tile_ws, split_stride, SPLITS, mask, BM, BN)
+                acc = sum_splits(tile_ws, split_stride, SPLITS, mask)
                 if HAS_NORM:
-                    ss = sum_split_rows(tile_ss, ss_stride, SPLITS, m_mask, BM)
+                    ss = sum_splits(tile_ss, ss_stride, SPLITS, m_mask)
                 _qkv_epilogue(acc, ss, b_ptr, out_ptr, rm, cols, mask, n_mask, inv_k, eps, stride_b,
                               stride_om, stride_on, HAS_NORM, HAS_BIAS)
     else:

@@ -17,7 +17,7 @@ slot ``slot[0] + m % T``; ``slot`` is a device tensor so a captured graph stays 
 
 import torch
 
-from ._common import cdiv, compute_dtype, interpreted, next_pow2, tl, triton, use_triton, workspace
+from ._common import compute_dtype, interpreted, next_pow2, sum_splits, tl, triton, use_triton, workspace
 from .qkv_gemm import qkv_gemm_launch, qkv_gemm_reference
 
 
@@ -89,15 +89,6 @@ def _round_bf16(x):
 
 
 @triton.jit
-def _reduced_half(src_ptr, row_off, col, offs, hmask, SPLITS, SPLIT_STRIDE):
-    # sum over the split-K partials of one half head (fp32)
-    acc = tl.load(src_ptr + row_off + col + offs, mask=hmask, other=0.0).to(tl.float32)
-    for s in range(1, SPLITS):
-        acc += tl.load(src_ptr + s * SPLIT_STRIDE + row_off + col + offs, mask=hmask, other=0.0).to(tl.float32)
-    return acc
-
-
-@triton.jit
 def _rope_cache_kernel(
     src_ptr, ss_ptr, b_ptr, cos_ptr, sin_ptr, qn_ptr, kn_ptr, q_ptr, kc_ptr, vc_ptr, slot_ptr,
     M, PN, SPLIT_STRIDE, SS_SPLIT_STRIDE, SPLITS, NH, NKV, HALF, T, LAYER0, inv_k, eps, qk_eps,
@@ -120,8 +111,8 @@ def _rope_cache_kernel(
     offs = tl.arange(0, BH)
     hmask = offs < HALF
     row_off = m.to(tl.int64) * PN
-    x1 = _reduced_half(src_ptr, row_off, col, offs, hmask, SPLITS, SPLIT_STRIDE)
-    x2 = _reduced_half(src_ptr, row_off, col + HALF, offs, hmask, SPLITS, SPLIT_STRIDE)
+    x1 = sum_splits(src_ptr + row_off + col + offs, SPLIT_STRIDE, SPLITS, hmask)
+    x2 = sum_splits(src_ptr + row_off + col + HALF + offs, SPLIT_STRIDE, SPLITS, hmask)
     rstd = 1.0
     if HAS_SS:
         ss = tl.load(ss_ptr + m)
@@ -166,8 +157,8 @@ def _rope_cache_kernel(
         tl.store(kdst + (HALF + offs) * stride_kd, o2.to(kc_ptr.dtype.element_ty), mask=hmask)
         # v: same reduction and bias, no norm, no rotation
         vcol = col + NKV * D
-        v1 = _reduced_half(src_ptr, row_off, vcol, offs, hmask, SPLITS, SPLIT_STRIDE) * rstd
-        v2 = _reduced_half(src_ptr, row_off, vcol + HALF, offs, hmask, SPLITS, SPLIT_STRIDE) * rstd
+        v1 = sum_splits(src_ptr + row_off + vcol + offs, SPLIT_STRIDE, SPLITS, hmask) * rstd
+        v2 = sum_splits(src_ptr + row_off + vcol + HALF + offs, SPLIT_STRIDE, SPLITS, hmask) * rstd
         if HAS_BIAS:
             v1 += tl.load(b_ptr + vcol + offs, mask=hmask, other=0.0).to(tl.float32)
             v2 += tl.load(b_ptr + vcol + HALF + offs, mask=hmask, other=0.0).to(tl.float32)
