@@ -30,15 +30,6 @@ from .group import CQILGroup
 __all__ = ["DecodeEngine", "generate"]
 
 
-class _Segment:
-    """One sequential step of the model: a CQIL group, or a single layer as a group of one."""
-
-    def __init__(self, group: CQILGroup, layer_indices, ops):
-        self.group = group
-        self.layer_indices = list(layer_indices)
-        self.ops = ops
-
-
 class DecodeEngine:
     """Static-cache (and, on CUDA, CUDA-graph) generation for a converted or plain causal LM.
 
@@ -100,6 +91,7 @@ class DecodeEngine:
 
         # the torch backend is torch end to end (its reference), not "Triton where it can run"
         self._decode_attention = decode_attention_reference if self.backend == "torch" else decode_attention
+        self.ops = get_ops(self.backend)
         self._build_segments()
         self._build_rope_tables()
         self._graphs: dict[int, tuple] = {}
@@ -112,15 +104,15 @@ class DecodeEngine:
 
     def _build_segments(self) -> None:
         layers = decoder_layers(self.model)
-        ops = get_ops(self.backend)
+        # one sequential step each: a CQIL group, or a single layer as a group of one
         segments, i = [], 0
         while i < len(layers):
             group = getattr(layers[i], "_cqil_group", None)
             if group is not None:
-                segments.append(_Segment(group, group.indices, ops))
+                segments.append(group)
                 i += group.size
             else:
-                segments.append(_Segment(CQILGroup([layers[i]], (i,), 0, self.family, self.backend), (i,), ops))
+                segments.append(CQILGroup([layers[i]], (i,), 0, self.family, self.backend))
                 i += 1
         self.segments = segments
         self.plan_key = self._plan_key()
@@ -155,8 +147,7 @@ class DecodeEngine:
         norm, head = self.inner.norm, self.model.lm_head
         eps = getattr(norm, "variance_epsilon", None)
         if type(head) is torch.nn.Linear and eps is not None and getattr(norm, "weight", None) is not None:
-            ops = get_ops(self.backend)
-            return ops.qkv_gemm(h, norm.weight[None], head.weight, head.bias, float(eps)).float()
+            return self.ops.qkv_gemm(h, norm.weight[None], head.weight, head.bias, float(eps)).float()
         return head(norm(h)).float()
 
     @property
@@ -171,15 +162,14 @@ class DecodeEngine:
             self._graphs.clear()
 
     # ------------------------------------------------------------------ one segment
-    def _segment_forward(self, seg: _Segment, x2d, B, T, cos, sin, attend):
-        """x2d [B*T, H] -> [B*T, H]; ``attend(q, k, v, layer_indices)`` does cache and attention."""
-        g = seg.group
+    def _segment_forward(self, g: CQILGroup, x2d, B, T, cos, sin, attend):
+        """x2d [B*T, H] -> [B*T, H]; ``attend(g, q, k, v)`` does cache and attention."""
         stacked = g.use_stacked()
-        q, k, v = g.project_qkv(x2d, stacked, seg.ops)
+        q, k, v = g.project_qkv(x2d, stacked, self.ops)
         q, k, v = g.heads_first(q, k, v, B, T)
         q, k = g.rotary(q, k, cos, sin)
-        attn = attend(g, q, k, v, seg.layer_indices)  # [P, B*T, nh*D]
-        return g.finish(x2d, attn, stacked, seg.ops)
+        attn = attend(g, q, k, v)  # [P, B*T, nh*D]
+        return g.finish(x2d, attn, stacked, self.ops)
 
     def _write_cache(self, layer_indices, k, v, B, slot_index):
         """k/v [B, P*nkv, T, D] into each layer's cache slot(s) ``slot_index`` (long [T])."""
@@ -204,14 +194,14 @@ class DecodeEngine:
         mask = (mask | torch.eye(T, dtype=torch.bool, device=self.device)[None])[:, None]
         slots = torch.arange(T, device=self.device)
 
-        def attend(g, q, k, v, layer_indices):
-            self._write_cache(layer_indices, k, v, B, slots)
+        def attend(g, q, k, v):
+            self._write_cache(g.indices, k, v, B, slots)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=g.layers[0].self_attn.scaling, enable_gqa=True)
             return out.transpose(1, 2).reshape(B * T, g.size, -1).transpose(0, 1)
 
         h = x.reshape(B * T, -1)
-        for seg in self.segments:
-            h = self._segment_forward(seg, h, B, T, cos, sin, attend)
+        for g in self.segments:
+            h = self._segment_forward(g, h, B, T, cos, sin, attend)
         last = h.view(B, T, -1)[:, -1]
         state = self._state(B)
         state["kv_mask"].zero_()
@@ -243,14 +233,17 @@ class DecodeEngine:
         kv_mask.index_fill_(1, slot, True)  # the new token attends to itself
         x = self.inner.embed_tokens(st["tok"])
         cos, sin = self._rotary(x, st["pos"])
-        decode_attention = self._decode_attention
 
-        def attend(g, q, k, v, layer_indices):
-            self._write_cache(layer_indices, k, v, B, slot)
-            keys = [self.k_cache[i, :B] for i in layer_indices]
-            values = [self.v_cache[i, :B] for i in layer_indices]
-            out = decode_attention(q[:, :, 0], keys, values, kv_mask, S, g.layers[0].self_attn.scaling)  # [B, P*nh, D]
-            return out.reshape(B, g.size, -1).transpose(0, 1)
+        def cached_attention(g, q):
+            """q [B, P*nh, D] against the group's cache slices -> [P, B, nh*D] (a strided view)."""
+            keys = [self.k_cache[i, :B] for i in g.indices]
+            values = [self.v_cache[i, :B] for i in g.indices]
+            out = self._decode_attention(q, keys, values, kv_mask, S, g.layers[0].self_attn.scaling)
+            return out.view(B, g.size, -1).transpose(0, 1)
+
+        def attend(g, q, k, v):
+            self._write_cache(g.indices, k, v, B, slot)
+            return cached_attention(g, q[:, :, 0])
 
         # Fast path per segment: QKV GEMM + RoPE + cache write (2 kernels), one attention over the
         # P*nh heads, then o_proj / gate-up / down (see group.finish). Needs the stacked weights and
@@ -258,16 +251,12 @@ class DecodeEngine:
         cos2d, sin2d = cos.reshape(B, -1), sin.reshape(B, -1)
         full_rotary = cos2d.shape[-1] == self.head_dim
         h = x.reshape(B, -1)
-        for seg in self.segments:
-            g = seg.group
+        for g in self.segments:
             if full_rotary and g.use_stacked():
-                q = g.qkv_rope_cache(h, cos2d, sin2d, self.k_cache, self.v_cache, slot, 1, seg.ops)
-                keys = [self.k_cache[i, :B] for i in seg.layer_indices]
-                values = [self.v_cache[i, :B] for i in seg.layer_indices]
-                out = decode_attention(q, keys, values, kv_mask, S, g.layers[0].self_attn.scaling)  # [B, P*nh, D]
-                h = g.finish(h, out.view(B, g.size, -1).transpose(0, 1), True, seg.ops)
+                q = g.qkv_rope_cache(h, cos2d, sin2d, self.k_cache, self.v_cache, slot, 1, self.ops)
+                h = g.finish(h, cached_attention(g, q), True, self.ops)
             else:
-                h = self._segment_forward(seg, h, B, 1, cos, sin, attend)
+                h = self._segment_forward(g, h, B, 1, cos, sin, attend)
         logits = self._logits(h)
         st["pos"].add_(1)
         slot.add_(1)
