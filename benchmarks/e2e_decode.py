@@ -60,102 +60,12 @@ import torch
 from cqil_kernels.launches import LaunchCounter
 from cqil_kernels.report import environment, write_json
 
-# ---------------------------------------------------------------------------------------------- shapes
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sibling modules below, when imported
+from decode_models import SHAPES, TINY_SHAPES, build_model, kv_bytes, paper_plan, plan_name, weight_bytes  # noqa: E402
+from decode_verify import tie_rtol, verify_engine  # noqa: E402
 
-SHAPES = {
-    # SmolLM2-135M: 30 layers, GQA 9/3, tied embeddings
-    "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                         num_attention_heads=9, num_key_value_heads=3, head_dim=64, tie_word_embeddings=True),
-    # LLaMA-7B: 32 layers, MHA
-    "llama-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                     num_attention_heads=32, num_key_value_heads=32, head_dim=128, tie_word_embeddings=False),
-}
-TINY_SHAPES = {
-    "tiny-smollm2": dict(vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=8,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True),
-    "tiny-llama": dict(vocab_size=512, hidden_size=64, intermediate_size=176, num_hidden_layers=8,
-                       num_attention_heads=4, num_key_value_heads=4, head_dim=16, tie_word_embeddings=False),
-}
 VARIANTS = ("hf-eager", "hf-static-compiled", "engine", "engine-p2", "engine-p4")
 ENGINE_PARALLEL = {"engine": 1, "engine-p2": 2, "engine-p4": 4}
-
-# The paper's S/E/P plans (reference implementation: LLaMA-1-7B S12-E30 P2, S14-E30 P4) and the
-# SmolLM2 plans of design.md section 3's anchors (S14-E30 for both P).
-PAPER_PLANS = {32: {2: (12, 30), 4: (14, 30)}, 30: {2: (14, 30), 4: (14, 30)}}
-
-
-def paper_plan_range(num_layers: int, parallel: int) -> tuple[int, int]:
-    """(S, E) of the paper-style plan for a model of ``num_layers`` layers and group size P.
-
-    32 layers (LLaMA-7B): S12-E30 for P2, S14-E30 for P4. 30 layers (SmolLM2-135M): S14-E30 for
-    P2 and P4. Any other depth scales the 32-layer S and E by ``num_layers / 32`` (rounded, E at
-    most ``num_layers``), e.g. 8 layers: S3-E8 for P2, S4-E8 for P4.
-    """
-    if num_layers in PAPER_PLANS and parallel in PAPER_PLANS[num_layers]:
-        return PAPER_PLANS[num_layers][parallel]
-    s32, e32 = PAPER_PLANS[32].get(parallel, (14, 30))
-    return round(num_layers * s32 / 32), min(num_layers, round(num_layers * e32 / 32))
-
-
-def paper_plan(num_layers: int, parallel: int):
-    """The CQIL plan this benchmark runs: runs of P layers over ``paper_plan_range`` (a short tail
-    before E stays sequential, as ``CQILPlan.contiguous``); P = 1 is the empty plan.
-
-    Example:
-        >>> paper_plan(32, 2).num_sequential_steps(32)
-        23
-    """
-    from cqil_kernels import CQILPlan
-
-    if parallel == 1:
-        return CQILPlan.sequential()
-    start, end = paper_plan_range(num_layers, parallel)
-    plan = CQILPlan.contiguous(start, end, parallel)
-    if not plan.parallel_groups:
-        raise ValueError(f"no group of {parallel} layers fits a {num_layers}-layer model (S{start}-E{end})")
-    return plan
-
-
-def plan_name(num_layers: int, parallel: int) -> str:
-    if parallel == 1:
-        return "sequential"
-    start, end = paper_plan_range(num_layers, parallel)
-    return f"S{start}-E{end} P{parallel}"
-
-
-def build_model(shape_kwargs: dict, device, dtype, seed: int = 0):
-    """Random-weight LlamaForCausalLM of the given shape, built directly on ``device`` in ``dtype``.
-
-    No EOS (generation never stops early), pad id 0, SDPA attention, HF's own initialisation.
-    """
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    cfg = LlamaConfig(max_position_embeddings=4096, bos_token_id=None, eos_token_id=None, pad_token_id=0,
-                      **shape_kwargs)
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation="sdpa")
-    model.eval()
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = 0
-    return model
-
-
-def weight_bytes(model) -> int:
-    """Bytes a decode step must read: every parameter except the embedding table, plus lm_head
-    (counted when tied too: the lm_head GEMM reads the whole [V, H] matrix)."""
-    embed = model.get_input_embeddings().weight
-    head = model.get_output_embeddings().weight
-    total = sum(p.numel() * p.element_size() for p in model.parameters() if p is not embed)
-    if head is embed:
-        total += head.numel() * head.element_size()
-    return total
-
-
-def kv_bytes(cfg, batch: int, live_len: float, elem: int) -> int:
-    """K and V bytes attended per decode step at ``live_len`` cached tokens (all layers)."""
-    return int(2 * cfg.num_hidden_layers * batch * cfg.num_key_value_heads * live_len * cfg.head_dim * elem)
-
 
 # ---------------------------------------------------------------------------------------------- timing helpers
 
@@ -319,59 +229,6 @@ def time_engine_prefill(engine, ids, mask, repeats: int, clock: Clock) -> float:
         engine.prefill(ids, mask)
         runs.append((clock.now() - t0) * 1e3)
     return statistics.median(runs)
-
-
-# ---------------------------------------------------------------------------------------------- verification
-
-def tie_rtol(dtype) -> float:
-    # bf16/fp16: 8 ulps of bf16 at the logit scale (2^-5) covers the rounding differences of a
-    # differently fused (but same-math) forward through 30-32 layers; fp32: 1e-4.
-    return 2.0 ** -5 if dtype in (torch.bfloat16, torch.float16) else 1e-4
-
-
-@torch.inference_mode()
-def verify_engine(engine, ref_tokens, ref_logits, ids, mask, rtol: float) -> dict:
-    """Compare the engine with reference greedy tokens [B, n] and their logits [n, B, V].
-
-    Teacher forced: prefill, then step on the reference tokens; at every position the engine's
-    argmax must be the reference token or a near-tie in both logit vectors. Free running:
-    ``engine.generate`` must reproduce the reference up to the first near-tie.
-    """
-    B, n = ref_tokens.shape
-    eng = [engine.prefill(ids, mask).float().clone()]
-    for t in range(1, n):
-        eng.append(engine.step(ref_tokens[:, t - 1]).float().clone())
-    eng = torch.stack(eng)  # [n, B, V]
-    ref = ref_logits.float()
-    arg = eng.argmax(-1).T  # [B, n]
-    ties, bad, first_tie = [], [], [n] * B
-    for b in range(B):
-        for t in range(n):
-            r, e = int(ref_tokens[b, t]), int(arg[b, t])
-            if r == e:
-                continue
-            scale = float(ref[t, b].abs().max())
-            gap_ref = float(ref[t, b, r] - ref[t, b, e])
-            gap_eng = float(eng[t, b, e] - eng[t, b, r])
-            tol = rtol * scale
-            entry = dict(row=b, pos=t, ref_token=r, engine_token=e, gap_ref=gap_ref, gap_engine=gap_eng, tol=tol)
-            (ties if max(gap_ref, gap_eng) <= tol else bad).append(entry)
-            first_tie[b] = min(first_tie[b], t)
-    free = engine.generate(ids, mask, max_new_tokens=n)[:, ids.shape[1]:]
-    free_equal = bool(torch.equal(free.cpu(), ref_tokens.cpu()))
-    prefix_ok = all(torch.equal(free[b, : first_tie[b] + 1 if first_tie[b] < n else n].cpu(),
-                                arg[b, : first_tie[b] + 1 if first_tie[b] < n else n].cpu()) for b in range(B))
-    prefix_ok = prefix_ok and all(torch.equal(free[b, : first_tie[b]].cpu(), ref_tokens[b, : first_tie[b]].cpu()) for b in range(B))
-    return dict(
-        passed=not bad and prefix_ok,
-        tokens_equal=free_equal,
-        compared_tokens=int(B * n),
-        near_ties=ties,
-        failures=bad,
-        free_run_prefix_ok=prefix_ok,
-        max_abs_logit_diff=float((eng - ref).abs().max()),
-        logit_scale=float(ref.abs().max()),
-    )
 
 
 def hf_reference(model, ids, mask, n: int):

@@ -35,7 +35,7 @@ if _device_arg(sys.argv[1:]).startswith("cpu"):
 
 import torch
 
-from e2e_decode import SHAPES, TINY_SHAPES, build_model, paper_plan, plan_name
+from decode_models import SHAPES, TINY_SHAPES, build_model, paper_plan, plan_name
 
 import cqil_kernels
 from cqil_kernels.engine import DecodeEngine
