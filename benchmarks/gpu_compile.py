@@ -33,9 +33,7 @@ def _describe(value):
 
     if isinstance(value, torch.Tensor):
         return {"tensor": str(value.dtype).removeprefix("torch."), "aligned": value.data_ptr() % 16 == 0}
-    if isinstance(value, (bool, int, float)) or value is None:
-        return {"value": value}
-    if isinstance(value, str):
+    if isinstance(value, (bool, int, float, str)) or value is None:
         return {"value": value}
     raise TypeError(f"cannot describe kernel argument of type {type(value).__name__}")
 
