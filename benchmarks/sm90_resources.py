@@ -64,12 +64,13 @@ def record_real_shapes(recorder: LaunchRecorder, shapes=SHAPES, Ms=(1, 16, 512),
 
     bf = torch.bfloat16
     e = lambda *s: torch.empty(*s, dtype=bf)  # noqa: E731  (dry run: contents never read)
+    each = lambda P, *s: [e(*s) for _ in range(P)]  # noqa: E731  (every layer its own tensor, as in a model)
     for name, c in shapes.items():
         H, nh, nkv, D, I, V = (c[k] for k in ("H", "nh", "nkv", "D", "I", "V"))
-        N3 = (nh + 2 * nkv) * D
         for P in Ps:
-            w_qkv, g = e(P * N3, H), e(P, H)
-            w_o, w_gu, w_d = e(P, H, nh * D), e(P, 2 * I, H), e(P, H, I)
+            w_qkv = [w for _ in range(P) for w in (e(nh * D, H), e(nkv * D, H), e(nkv * D, H))]
+            g = each(P, H)
+            w_o, w_g, w_u, w_d = each(P, H, nh * D), each(P, I, H), each(P, I, H), each(P, H, I)
             for M in Ms:
                 n = len(recorder.records)
                 x = e(M, H)
@@ -80,7 +81,7 @@ def record_real_shapes(recorder: LaunchRecorder, shapes=SHAPES, Ms=(1, 16, 512),
                 else:  # prefill: plain qkv GEMM
                     qkv_gemm_triton(x, g, w_qkv, None, 1e-6)
                 a = batched_gemm_triton(e(M, P, nh * D).transpose(0, 1), w_o)
-                m = gate_up_silu_triton(a, g, w_gu, 1e-6, x, min(1, P - 1))
+                m = gate_up_silu_triton(a, g, w_g, w_u, 1e-6, x, min(1, P - 1))
                 down_sum_triton(m, w_d, x, a)
                 for r in recorder.records[n:]:
                     r["tag"] = f"{name} M={M} P={P}"
@@ -94,7 +95,7 @@ def record_real_shapes(recorder: LaunchRecorder, shapes=SHAPES, Ms=(1, 16, 512),
                 for r in recorder.records[n:]:
                     r["tag"] = f"{name} B={B} P={P} S={S}"
         n = len(recorder.records)
-        qkv_gemm_triton(e(1, H), e(1, H), e(V, H), None, 1e-6)  # final norm + lm_head
+        qkv_gemm_triton(e(1, H), [e(H)], [e(V, H)], None, 1e-6)  # final norm + lm_head
         for r in recorder.records[n:]:
             r["tag"] = f"{name} lm_head M=1"
 

@@ -75,3 +75,36 @@ def randn(*shape, dtype, device, scale=1.0, generator=None):
 def norm_weight(P, H, dtype, device, generator=None):
     # around 1 like trained RMSNorm weights, but distinct per layer so a wrong layer index shows
     return (0.5 + torch.rand(P, H, generator=generator)).to(device=device, dtype=dtype)
+
+
+LAYOUTS = ("separate", "views", "unaligned")
+
+
+def layer_tensors(P, shape, dtype, device, scale=1.0, generator=None, layout="separate"):
+    """P per-layer weight tensors of ``shape``, as a layer's own parameters would be:
+
+    - "separate": each its own allocation (what a loaded model has);
+    - "views": slices of one [P, ...] buffer (what an older stacked layout had);
+    - "unaligned": each at an odd element offset inside its own buffer, so the kernels' table
+      sees offsets that are no multiple of 8 elements (the unaligned path).
+    """
+    if layout == "views":
+        return list(randn(P, *shape, dtype=dtype, device=device, scale=scale, generator=generator).unbind(0))
+    out = []
+    for _ in range(P):
+        t = randn(*shape, dtype=dtype, device=device, scale=scale, generator=generator)
+        if layout == "unaligned":
+            n = t.numel()
+            buf = torch.empty(n + 1, dtype=dtype, device=device)
+            buf[1:] = t.reshape(-1)
+            t = buf[1:].view(shape)
+        out.append(t)
+    return out
+
+
+def norm_weights(P, H, dtype, device, generator=None, layout="separate"):
+    """P per-layer RMSNorm weights [H] around 1 (see :func:`norm_weight`)."""
+    w = norm_weight(P, H, dtype, device, generator)
+    if layout == "views":
+        return list(w.unbind(0))
+    return [layer_tensors(1, (H,), dtype, device, layout=layout)[0].copy_(w[j]) for j in range(P)]

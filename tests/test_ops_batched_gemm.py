@@ -6,27 +6,27 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from ops_testing import CPU_DTYPES, assert_error_budget, hi_dtype, nan_empty, randn, upcast
+from ops_testing import CPU_DTYPES, LAYOUTS, assert_error_budget, hi_dtype, layer_tensors, nan_empty, randn, upcast
 from ops_testing import poisoned_workspaces  # noqa: F401  (fixture)
 
 pytestmark = [pytest.mark.interpreter, pytest.mark.usefixtures("poisoned_workspaces")]
 
 
-def _inputs(P, M, K, N, dtype, device, bias=True, seed=0, strided=False):
+def _inputs(P, M, K, N, dtype, device, bias=True, seed=0, strided=False, layout="separate"):
     g = torch.Generator().manual_seed(seed)
     if strided:  # layer-major view of an [M, P, K] buffer: x[p] rows are P*K apart
         x = randn(M, P, K, dtype=dtype, device=device, generator=g).transpose(0, 1)
     else:
         x = randn(P, M, K, dtype=dtype, device=device, generator=g)
-    w = randn(P, N, K, dtype=dtype, device=device, scale=K ** -0.5, generator=g)
-    b = randn(P, N, dtype=dtype, device=device, generator=g) if bias else None
+    w = layer_tensors(P, (N, K), dtype, device, K ** -0.5, g, layout)
+    b = layer_tensors(P, (N,), dtype, device, 1.0, g, layout) if bias else None
     return x, w, b
 
 
-def _check(device, dtype, P, M, K, N, bias, split_k, strided=False, seed=0):
+def _check(device, dtype, P, M, K, N, bias, split_k, strided=False, seed=0, layout="separate"):
     from cqil_kernels.ops.batched_gemm import batched_gemm_reference, batched_gemm_triton
 
-    x, w, b = _inputs(P, M, K, N, dtype, device, bias, seed, strided)
+    x, w, b = _inputs(P, M, K, N, dtype, device, bias, seed, strided, layout)
     out = nan_empty((P, M, N), dtype, device)
     assert batched_gemm_triton(x, w, b, out=out, split_k=split_k) is out
     hi = hi_dtype(dtype)
@@ -34,20 +34,20 @@ def _check(device, dtype, P, M, K, N, bias, split_k, strided=False, seed=0):
     assert_error_budget(out, ref_hi, batched_gemm_reference(x, w, b))
 
 
-CASES = [  # P, M, K, N, bias, split_k
-    (1, 1, 63, 7, False, None),
-    (2, 1, 96, 40, True, 3),
-    (3, 3, 70, 33, False, 2),
-    (4, 16, 33, 20, True, None),
-    (2, 33, 40, 36, True, 1),
-    (4, 3, 129, 7, False, 4),
+CASES = [  # P, M, K, N, bias, split_k, layout of the per-layer weights
+    (1, 1, 63, 7, False, None, "separate"),
+    (2, 1, 96, 40, True, 3, "separate"),
+    (3, 3, 70, 33, False, 2, "unaligned"),
+    (4, 16, 33, 20, True, None, "views"),
+    (2, 33, 40, 36, True, 1, "separate"),
+    (4, 3, 129, 7, False, 4, "unaligned"),
 ]
 
 
 @pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
-@pytest.mark.parametrize("P,M,K,N,bias,split_k", CASES)
-def test_batched_gemm_matches_reference(device, dtype, P, M, K, N, bias, split_k):
-    _check(device, dtype, P, M, K, N, bias, split_k)
+@pytest.mark.parametrize("P,M,K,N,bias,split_k,layout", CASES)
+def test_batched_gemm_matches_reference(device, dtype, P, M, K, N, bias, split_k, layout):
+    _check(device, dtype, P, M, K, N, bias, split_k, layout=layout)
 
 
 @pytest.mark.parametrize("split_k", [1, 2])
@@ -59,16 +59,26 @@ def test_batched_gemm_bf16_upcast_and_strided(device, split_k):
 @given(
     P=st.integers(1, 4), M=st.integers(1, 40), K=st.integers(1, 100), N=st.integers(1, 40),
     bias=st.booleans(), split_k=st.integers(1, 4), dtype=st.sampled_from(CPU_DTYPES),
-    seed=st.integers(0, 2**16),
+    seed=st.integers(0, 2**16), layout=st.sampled_from(LAYOUTS),
 )
-def test_batched_gemm_fuzz(device, P, M, K, N, bias, split_k, dtype, seed):
-    _check(device, dtype, P, M, K, N, bias, split_k, seed=seed)
+def test_batched_gemm_fuzz(device, P, M, K, N, bias, split_k, dtype, seed, layout):
+    _check(device, dtype, P, M, K, N, bias, split_k, seed=seed, layout=layout)
+
+
+def test_batched_gemm_rejects_mismatched_lists(device):
+    from cqil_kernels.ops import batched_gemm
+
+    x, w, b = _inputs(2, 3, 40, 12, torch.float32, device)
+    with pytest.raises(ValueError, match="one weight per layer"):
+        batched_gemm(x, w[:1])
+    with pytest.raises(ValueError, match="one layout"):
+        batched_gemm(x, [w[0], w[1].t().contiguous().t()])
 
 
 def test_batched_gemm_opcheck(device):
     x, w, b = _inputs(2, 3, 40, 12, torch.float32, device)
     torch.library.opcheck(torch.ops.cqil.batched_gemm.default, (x, w, b))
-    torch.library.opcheck(torch.ops.cqil.batched_gemm.default, (x, w, None))
+    torch.library.opcheck(torch.ops.cqil.batched_gemm.default, (x, w, []))
 
 
 def test_batched_gemm_compiles_fullgraph(device):

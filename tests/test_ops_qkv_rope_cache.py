@@ -4,7 +4,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from ops_testing import CPU_DTYPES, assert_error_budget, hi_dtype, nan_empty, norm_weight, randn, upcast
+from ops_testing import CPU_DTYPES, assert_error_budget, hi_dtype, layer_tensors, nan_empty, norm_weights, randn, upcast
 from ops_testing import poisoned_workspaces  # noqa: F401  (fixture)
 
 pytestmark = [pytest.mark.interpreter, pytest.mark.usefixtures("poisoned_workspaces")]
@@ -24,13 +24,13 @@ def _inputs(B, T, H, nh, nkv, D, P, L, S, dtype, device, bias, qk_norm, seed, ca
     g = torch.Generator().manual_seed(seed)
     M = B * T
     x = randn(M, H, dtype=dtype, device=device, scale=3.0, generator=g)
-    nw = norm_weight(P, H, dtype, device, g)
-    n3 = (nh + 2 * nkv) * D
-    w = randn(P * n3, H, dtype=dtype, device=device, scale=H ** -0.5, generator=g)
-    b = randn(P * n3, dtype=dtype, device=device, generator=g) if bias else None
+    nw = norm_weights(P, H, dtype, device, g)
+    parts = (nh * D, nkv * D, nkv * D)
+    w = [t for _ in range(P) for n in parts for t in layer_tensors(1, (n, H), dtype, device, H ** -0.5, g)]
+    b = [t for _ in range(P) for n in parts for t in layer_tensors(1, (n,), dtype, device, 1.0, g)] if bias else None
     cos, sin = _rope_tables(M, D, dtype, device, g)
-    qn = norm_weight(P, D, dtype, device, g) if qk_norm else None
-    kn = norm_weight(P, D, dtype, device, g) if qk_norm else None
+    qn = norm_weights(P, D, dtype, device, g) if qk_norm else None
+    kn = norm_weights(P, D, dtype, device, g) if qk_norm else None
     shape = (L, B + 1, nkv, S, D)  # one spare batch row: must stay untouched
     if cache_strided:  # every other slot of a longer buffer
         kc = randn(L, B + 1, nkv, 2 * S, D, dtype=dtype, device=device, generator=g)[:, :, :, ::2]
@@ -130,17 +130,17 @@ def test_qkv_rope_cache_opcheck(device):
 
 @pytest.mark.parametrize("change,match", [
     (dict(layer0=3), "outside the cache"),
-    (dict(num_heads=3), "not a multiple"),
+    (dict(num_heads=3), "q, k, v per layer"),
     (dict(tokens_per_seq=4), "whole sequences"),
     (dict(slot=torch.tensor([1, 2])), "one integer"),
     (dict(cos=torch.zeros(2, 6)), "cos/sin"),
-    (dict(q_norm=torch.ones(2, 8)), "given together"),
+    (dict(q_norms=[torch.ones(8), torch.ones(8)]), "given together"),
 ])
 def test_qkv_rope_cache_errors(device, change, match):
     from cqil_kernels.ops import qkv_rope_cache
 
     x, nw, w, b, cos, sin, _, _, kc, vc = _inputs(2, 1, 24, 2, 1, 8, 2, 4, 4, torch.float32, device, True, False, 3)
-    args = dict(x=x, norm_weight=nw, weight=w, bias=b, eps=EPS, cos=cos, sin=sin, q_norm=None, k_norm=None,
+    args = dict(x=x, norm_weights=nw, weights=w, biases=b, eps=EPS, cos=cos, sin=sin, q_norms=None, k_norms=None,
                 qk_eps=QK_EPS, k_cache=kc, v_cache=vc, layer0=1, slot=torch.tensor([0]), tokens_per_seq=1, num_heads=2)
     args.update(change)
     before = kc.clone()
@@ -152,3 +152,33 @@ def test_qkv_rope_cache_errors(device, change, match):
 @pytest.mark.parametrize("H,nh,nkv,D,P,B", [(576, 9, 3, 64, 2, 1), (4096, 32, 32, 128, 2, 8), (576, 9, 3, 64, 4, 8)])
 def test_qkv_rope_cache_real_shapes_bf16(cuda_device, H, nh, nkv, D, P, B):
     _check(cuda_device, torch.bfloat16, B, 1, H, nh, nkv, D, P, 3, 17, False, False, None)
+
+
+def test_qkv_rope_cache_offsets_past_int32(device):
+    """Cache offsets are 64-bit: batch row b of a cache whose batch stride is 2^30 elements lies
+    past 2^31 (Llama-7B sizes at B*S ~ 512k). The storage is allocated but never touched beyond
+    the written slots, so the test costs virtual address space, not memory."""
+    if device != "cpu":
+        pytest.skip("CPU interpreter check (its int32 arithmetic wraps like the GPU's)")
+    from cqil_kernels.ops.qkv_rope_cache import qkv_rope_cache_triton
+
+    B, H, nh, nkv, D, P, S = 3, 24, 2, 1, 8, 1, 4
+    x, nw, w, b, cos, sin, _, _, kc_small, vc_small = _inputs(B, 1, H, nh, nkv, D, P, 1, S, torch.float16, device,
+                                                              False, False, 4)
+    stride_b = 1 << 30
+    try:
+        storage_k = torch.empty(stride_b * (B - 1) + nkv * S * D, dtype=torch.float16)
+        storage_v = torch.empty_like(storage_k)
+    except RuntimeError as e:  # no address space for 2 x 4 GiB of virtual memory
+        pytest.skip(f"cannot reserve the large cache: {e}")
+    strides = (stride_b * B, stride_b, S * D, D, 1)
+    kc = storage_k.as_strided((1, B, nkv, S, D), strides)
+    vc = storage_v.as_strided((1, B, nkv, S, D), strides)
+    slot = torch.tensor([2])
+    qkv_rope_cache_triton(x, nw, w, b, EPS, cos, sin, None, None, QK_EPS, kc, vc, 0, slot, 1, nh)
+    kr, vr = kc_small[:1, :B].clone(), vc_small[:1, :B].clone()
+    from cqil_kernels.ops.qkv_rope_cache import qkv_rope_cache_reference
+
+    qkv_rope_cache_reference(x, nw, w, b, EPS, cos, sin, None, None, QK_EPS, kr, vr, 0, slot, 1, nh)
+    for got, ref in ((kc, kr), (vc, vr)):
+        torch.testing.assert_close(got[0, :, :, 2], ref[0, :, :, 2], rtol=2e-3, atol=2e-3)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cqil_kernels.launches import LaunchCounter
-from ops_testing import norm_weight, randn
+from ops_testing import layer_tensors, norm_weights, randn
 from ops_testing import poisoned_workspaces  # noqa: F401  (fixture)
 
 pytestmark = [pytest.mark.interpreter, pytest.mark.usefixtures("poisoned_workspaces")]
@@ -21,15 +21,19 @@ def _cases(device, dtype=torch.float32, M=3, seed=0, H=97, I=71):
 
     g = torch.Generator().manual_seed(seed)
     r = lambda *s, scale=1.0: randn(*s, dtype=dtype, device=device, scale=scale, generator=g)  # noqa: E731
+    lt = lambda *s, scale=1.0: layer_tensors(P, s, dtype, device, scale, g)  # noqa: E731  (one per layer)
     P, N = 3, 37
-    x, nw, w_qkv, b = r(M, H, scale=3.0), norm_weight(P, H, dtype, device, g), r(P * N, H, scale=0.1), r(P * N)
-    xo, wo = r(P, M, H), r(P, N, H, scale=0.1)
-    a, w_gu, res = r(P, M, H), r(P, 2 * I, H, scale=0.1), r(M, H, scale=3.0)
-    mm, wd, attn = r(P, M, I), r(P, H, I, scale=0.1), r(P, M, H)
+    parts = (N, 13, 13)
+    x, nw = r(M, H, scale=3.0), norm_weights(P, H, dtype, device, g)
+    w_qkv = [t for _ in range(P) for n in parts for t in layer_tensors(1, (n, H), dtype, device, 0.1, g)]
+    b_qkv = [t for _ in range(P) for n in parts for t in layer_tensors(1, (n,), dtype, device, 1.0, g)]
+    xo, wo, bo = r(P, M, H), lt(N, H, scale=0.1), lt(N)
+    a, w_g, w_u, res = r(P, M, H), lt(I, H, scale=0.1), lt(I, H, scale=0.1), r(M, H, scale=3.0)
+    mm, wd, attn = r(P, M, I), lt(H, I, scale=0.1), r(P, M, H)
     return [
-        ("qkv_gemm", lambda k: qkv_gemm_triton(x, nw, w_qkv, b, 1e-6, split_k=k)),
-        ("batched_gemm", lambda k: batched_gemm_triton(xo, wo, b.view(P, N), split_k=k)),
-        ("gate_up_silu", lambda k: gate_up_silu_triton(a, nw, w_gu, 1e-6, res, 1, split_k=k)),
+        ("qkv_gemm", lambda k: qkv_gemm_triton(x, nw, w_qkv, b_qkv, 1e-6, split_k=k)),
+        ("batched_gemm", lambda k: batched_gemm_triton(xo, wo, bo, split_k=k)),
+        ("gate_up_silu", lambda k: gate_up_silu_triton(a, nw, w_g, w_u, 1e-6, res, 1, split_k=k)),
         ("down_sum", lambda k: down_sum_triton(mm, wd, res, attn, split_k=k)),
     ]
 

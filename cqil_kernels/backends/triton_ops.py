@@ -37,28 +37,28 @@ def _to_cublas(t: torch.Tensor, rows: int) -> bool:
     return PREFILL_M is not None and t.is_cuda and rows > PREFILL_M
 
 
-def qkv_gemm(x, norm_weight, weight, bias, eps):
+def qkv_gemm(x, norm_weights, weights, biases, eps):
     """``ops.qkv_gemm``; x [M, H] (cuBLAS reference when M > PREFILL_M on a GPU)."""
     fn = qkv_gemm_reference if _to_cublas(x, x.shape[0]) else _qkv_gemm
-    return fn(x, norm_weight, weight, bias, eps)
+    return fn(x, norm_weights, weights, biases, eps)
 
 
-def batched_gemm(x, weight, bias=None):
+def batched_gemm(x, weights, biases=None):
     """``ops.batched_gemm``; x [P, M, K]."""
     fn = batched_gemm_reference if _to_cublas(x, x.shape[1]) else _batched_gemm
-    return fn(x, weight, bias)
+    return fn(x, weights, biases)
 
 
-def gate_up_silu(u, norm_weight, weight, eps, residual=None, bypass=0):
-    """``ops.gate_up_silu``; u [P, M, H]."""
+def gate_up_silu(u, norm_weights, gate_weights, up_weights, eps, residual=None, bypass=0, context=0):
+    """``ops.gate_up_silu``; u [C + P, M, H]."""
     fn = gate_up_silu_reference if _to_cublas(u, u.shape[1]) else _gate_up_silu
-    return fn(u, norm_weight, weight, eps, residual, bypass)
+    return fn(u, norm_weights, gate_weights, up_weights, eps, residual, bypass, context)
 
 
-def down_sum(m, weight, residual, attn=None):
+def down_sum(m, weights, residual, attn=None):
     """``ops.down_sum``; m [P, M, I]."""
     fn = down_sum_reference if _to_cublas(m, m.shape[1]) else _down_sum
-    return fn(m, weight, residual, attn)
+    return fn(m, weights, residual, attn)
 
 
 def kv_mask_from_hf(attention_mask, kv_len: int, batch: int):

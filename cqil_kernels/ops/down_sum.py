@@ -2,38 +2,63 @@
 
 Step 7 of the group decomposition: ``h_next = h + sum_j a_j + sum_j m_j @ Wd_j.T``. Seen as one
 GEMM, ``[m_0 | m_1 | ... ] @ [Wd_0 | Wd_1 | ...].T`` has K = P*I, and its K reduction *is* the
-sum over layers. The kernel walks K as (layer p, then k inside the layer) and indexes the stacked
-[P, H, I] weight and [P, M, I] activations directly, so nothing is concatenated or copied, and a
-K tile never straddles two layers (each layer's I is padded to whole tiles by masking). The
-residual and the attention outputs are added in the epilogue (or in the split-K reduction).
+sum over layers. The kernel walks K as (layer p, then k inside the layer), finds layer p's own
+[H, I] weight through an offset table (``_tables``) and indexes the [P, M, I] activations directly,
+so nothing is concatenated or copied, and a K tile never straddles two layers (each layer's I is
+padded to whole tiles by masking). The residual and the attention outputs are added in the
+epilogue (or in the split-K reduction). Without a residual the result is the group's delta only
+(a rank holding part of a group adds the residual on one rank only).
 """
 
+from collections.abc import Sequence
+
 import torch
+import torch.nn.functional as F
 
 from ._common import (
     cdiv, check_out, dot_flags, finish_out, gemm_blocks, kernel_out, dot_acc, last_to_arrive, pick_split_k,
     serial_split, splitk_reduce, sum_splits, tile_counters, tl, triton, use_triton, workspace,
 )
+from ._tables import check_same_layout, weight_table
 
 
-def down_sum_reference(m, weight, residual, attn=None):
+def _check(m, weights, residual, attn):
+    if m.dim() != 3:
+        raise ValueError(f"m must be [P, M, I], got {tuple(m.shape)}")
+    P, M, I = m.shape
+    if not isinstance(weights, (list, tuple)) or len(weights) != P:
+        raise ValueError(f"need one [H, I] weight per layer (P = {P})")
+    check_same_layout(list(weights), "weights")
+    if weights[0].dim() != 2 or weights[0].shape[1] != I:
+        raise ValueError(f"weights must be [H, I = {I}], got {tuple(weights[0].shape)}")
+    H = weights[0].shape[0]
+    if residual is not None and tuple(residual.shape) != (M, H):
+        raise ValueError(f"residual must be [M, H] = {(M, H)}, got {tuple(residual.shape)}")
+    if attn is not None and tuple(attn.shape) != (P, M, H):
+        raise ValueError(f"attn must be {(P, M, H)}, got {tuple(attn.shape)}")
+    return P, M, I, H
+
+
+def down_sum_reference(m, weights, residual, attn=None):
     """Torch reference and CPU fallback: per-layer down_proj in the working precision (as HF
-    computes each layer), then ``residual + sum_j attn[j] + sum_j down_j`` in that precision."""
-    y = torch.bmm(m, weight.transpose(1, 2))  # [P, M, H]
-    out = residual.clone()
-    for j in range(m.shape[0]):
+    computes each layer), then ``residual + sum_j attn[j] + sum_j down_j`` in that precision
+    (the same sum starting from zero without a residual)."""
+    P, M, _, H = _check(m, weights, residual, attn)
+    out = residual.clone() if residual is not None else m.new_zeros((M, H))
+    for j, w in enumerate(weights):
         if attn is not None:
             out = out + attn[j]
-        out = out + y[j]
-    return out.to(residual.dtype)
+        out = out + F.linear(m[j], w)
+    return out
 
 
 @triton.jit
 def _down_sum_epilogue(acc, res_ptr, attn_ptr, out_ptr, rm64, rn, mask, P,
                        stride_rm, stride_rn, stride_ap, stride_am, stride_an, stride_om, stride_on,
-                       HAS_ATTN: tl.constexpr):
-    acc += tl.load(res_ptr + rm64[:, None] * stride_rm + rn[None, :] * stride_rn,
-                   mask=mask, other=0.0).to(tl.float32)
+                       HAS_RES: tl.constexpr, HAS_ATTN: tl.constexpr):
+    if HAS_RES:
+        acc += tl.load(res_ptr + rm64[:, None] * stride_rm + rn[None, :] * stride_rn,
+                       mask=mask, other=0.0).to(tl.float32)
     if HAS_ATTN:
         for j in range(0, P):
             acc += tl.load(attn_ptr + j * stride_ap + rm64[:, None] * stride_am + rn[None, :] * stride_an,
@@ -44,11 +69,12 @@ def _down_sum_epilogue(acc, res_ptr, attn_ptr, out_ptr, rm64, rn, mask, P,
 
 @triton.jit
 def _down_sum_kernel(
-    m_ptr, w_ptr, res_ptr, attn_ptr, out_ptr, ws_ptr, cnt_ptr,
+    m_ptr, w_ptr, w_off_ptr, res_ptr, attn_ptr, out_ptr, ws_ptr, cnt_ptr,
     M, N, I, P, KB_PER_LAYER, KB_PER_SPLIT, SPLITS,
-    stride_mp, stride_mm, stride_mk, stride_wp, stride_wn, stride_wk,
+    stride_mp, stride_mm, stride_mk, stride_wn, stride_wk,
     stride_rm, stride_rn, stride_ap, stride_am, stride_an, stride_om, stride_on,
-    HAS_ATTN: tl.constexpr, SPLIT: tl.constexpr, SERIAL: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_RES: tl.constexpr, HAS_ATTN: tl.constexpr, SPLIT: tl.constexpr, SERIAL: tl.constexpr,
+    ALIGNED: tl.constexpr, UPCAST: tl.constexpr,
     DOT_PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -71,9 +97,13 @@ def _down_sum_kernel(
         rk = (kb - p * KB_PER_LAYER) * BK + rk0
         k_mask = (rk < I) & (kb < total_kb)
         p64 = p.to(tl.int64)
+        # layer p's own weight (a past-the-end block reads the last layer's entry, fully masked)
+        w_off = tl.load(w_off_ptr + tl.minimum(p, P - 1))
+        if ALIGNED:
+            w_off = tl.multiple_of(w_off, 8)
         xt = tl.load(m_rows + p64 * stride_mp + rk[None, :] * stride_mk,
                      mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        wt = tl.load(w_cols + p64 * stride_wp + rk[:, None] * stride_wk,
+        wt = tl.load(w_cols + w_off + rk[:, None] * stride_wk,
                      mask=k_mask[:, None] & n_mask[None, :], other=0.0)
         acc = dot_acc(xt, wt, acc, UPCAST, DOT_PREC)
     mask = m_mask[:, None] & n_mask[None, :]
@@ -87,40 +117,38 @@ def _down_sum_kernel(
             if last_to_arrive(cnt_ptr + pid_m * tl.num_programs(1) + pid_n, SPLITS):
                 acc = sum_splits(tile_ws, split_stride, SPLITS, mask)
                 _down_sum_epilogue(acc, res_ptr, attn_ptr, out_ptr, rm64, rn, mask, P, stride_rm, stride_rn,
-                                   stride_ap, stride_am, stride_an, stride_om, stride_on, HAS_ATTN)
+                                   stride_ap, stride_am, stride_an, stride_om, stride_on, HAS_RES, HAS_ATTN)
     else:
         _down_sum_epilogue(acc, res_ptr, attn_ptr, out_ptr, rm64, rn, mask, P, stride_rm, stride_rn,
-                           stride_ap, stride_am, stride_an, stride_om, stride_on, HAS_ATTN)
+                           stride_ap, stride_am, stride_an, stride_om, stride_on, HAS_RES, HAS_ATTN)
 
 
-def down_sum_triton(m, weight, residual, attn=None, *, out=None, split_k=None):
-    """Launch the Triton kernel; ``out`` ([M, H], residual.dtype) is written in full."""
-    P, M, I = m.shape
-    H = weight.shape[1]
-    if weight.shape[0] != P or weight.shape[2] != I or tuple(residual.shape) != (M, H):
-        raise ValueError(f"shapes do not match: m {tuple(m.shape)}, weight {tuple(weight.shape)}, "
-                         f"residual {tuple(residual.shape)}")
-    if attn is not None and tuple(attn.shape) != (P, M, H):
-        raise ValueError(f"attn must be {(P, M, H)}, got {tuple(attn.shape)}")
-    out = check_out(out, (M, H), residual)
+def down_sum_triton(m, weights, residual, attn=None, *, out=None, split_k=None):
+    """Launch the Triton kernel; ``out`` ([M, H], in m's dtype (residual's if given)) is written in full."""
+    P, M, I, H = _check(m, weights, residual, attn)
+    like = residual if residual is not None else m
+    out = check_out(out, (M, H), like)
     kout = kernel_out(out)
     cfg = gemm_blocks(M, m)
     BM, BN, BK = cfg["BM"], cfg["BN"], cfg["BK"]
     mb, nb = cdiv(M, BM), cdiv(H, BN)
     kb_layer = cdiv(I, BK)
     splits, per_split = pick_split_k(mb * nb, P * kb_layer, m, split_k)
-    upcast, prec = dot_flags(weight.dtype, m)
+    upcast, prec = dot_flags(weights[0].dtype, m)
     ws = workspace((splits, M, H), m) if splits > 1 else kout
-    a = attn if attn is not None else residual
+    wt = weight_table(weights)
+    has_res = residual is not None
+    r = residual if has_res else kout
+    a = attn if attn is not None else r
     serial = splits > 1 and serial_split()
     cnt = tile_counters(m, mb * nb) if serial else ws
     _down_sum_kernel[(mb, nb, splits)](
-        m, weight, residual, a, kout, ws, cnt,
+        m, wt.base, wt.offsets, r, a, kout, ws, cnt,
         M, H, I, P, kb_layer, per_split, splits,
-        *m.stride(), *weight.stride(), *residual.stride(),
+        *m.stride(), *weights[0].stride(), *(r.stride() if has_res else (0, 0)),
         *(attn.stride() if attn is not None else (0, 0, 0)), *kout.stride(),
-        HAS_ATTN=attn is not None, SPLIT=splits > 1, SERIAL=serial, UPCAST=upcast, DOT_PREC=prec,
-        BM=BM, BN=BN, BK=BK, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        HAS_RES=has_res, HAS_ATTN=attn is not None, SPLIT=splits > 1, SERIAL=serial, ALIGNED=wt.aligned,
+        UPCAST=upcast, DOT_PREC=prec, BM=BM, BN=BN, BK=BK, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if splits > 1 and not serial:
         splitk_reduce(ws, kout, splits=splits, residual=residual, attn=attn)
@@ -128,32 +156,33 @@ def down_sum_triton(m, weight, residual, attn=None, *, out=None, split_k=None):
 
 
 @torch.library.custom_op("cqil::down_sum", mutates_args=())
-def _down_sum_op(m: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor,
+def _down_sum_op(m: torch.Tensor, weights: list[torch.Tensor], residual: torch.Tensor | None,
                  attn: torch.Tensor | None) -> torch.Tensor:
     if use_triton(m):
-        return down_sum_triton(m, weight, residual, attn)
-    return down_sum_reference(m, weight, residual, attn)
+        return down_sum_triton(m, weights, residual, attn)
+    return down_sum_reference(m, weights, residual, attn)
 
 
 @_down_sum_op.register_fake
-def _(m, weight, residual, attn):
-    return residual.new_empty(residual.shape)
+def _(m, weights, residual, attn):
+    like = residual if residual is not None else m
+    return like.new_empty((m.shape[1], weights[0].shape[0]))
 
 
-def down_sum(m: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor,
+def down_sum(m: torch.Tensor, weights: Sequence[torch.Tensor], residual: torch.Tensor | None,
              attn: torch.Tensor | None = None) -> torch.Tensor:
     """Down-projection of P layers summed into the residual stream, as one GEMM over K = P*I.
 
     Args:
         m: [P, M, I], layer j's SiLU(gate)*up activations in m[j].
-        weight: [P, H, I], weight[j] = layer j's down_proj.weight.
-        residual: [M, H], the group's shared input h.
+        weights: P tensors [H, I], layer j's down_proj.weight (one layout; each its own tensor).
+        residual: [M, H], the group's shared input h; or None (the result is the delta only).
         attn: [P, M, H] each layer's attention output a_j (o_proj result), or None.
 
     Returns:
-        [M, H] in residual.dtype: ``residual + sum_j attn[j] + sum_j m[j] @ weight[j].T``.
+        [M, H] (residual's dtype, else m's): ``residual + sum_j attn[j] + sum_j m[j] @ weights[j].T``.
 
     Example:
-        >>> h_next = down_sum(gate_up_silu(u, g2, w_gu, eps), w_down, h, a)
+        >>> h_next = down_sum(gate_up_silu(a, g2, gates, ups, eps, h), downs, h, a)
     """
-    return _down_sum_op(m, weight, residual, attn)
+    return _down_sum_op(m, list(weights), residual, attn)
