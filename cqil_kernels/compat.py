@@ -8,6 +8,7 @@ Versions are compared with packaging.version, never as strings.
 
 from __future__ import annotations
 
+import functools
 from importlib.metadata import version as _installed_version
 
 from packaging.version import Version
@@ -18,6 +19,8 @@ __all__ = [
     "pop_cache",
     "cache_update",
     "layer_output",
+    "cache_kwarg_name",
+    "attentions_requested",
 ]
 
 CACHE_KWARG_NAMES = ("past_key_values", "past_key_value", "cache")
@@ -29,6 +32,13 @@ _TRANSFORMERS = Version(_installed_version("transformers"))
 _LAYER_RETURNS_TUPLE = _TRANSFORMERS < Version("4.54")
 # From 5.4 the cache layers count positions themselves and cache_position is gone.
 _NEEDS_CACHE_KWARGS = _TRANSFORMERS < Version("5.4")
+# The name modules take the cache under (the old one is still accepted for a while after a rename).
+if _TRANSFORMERS < Version("4.56"):
+    _CACHE_KWARG = "past_key_value"
+elif _TRANSFORMERS < Version("5.24"):
+    _CACHE_KWARG = "past_key_values"
+else:
+    _CACHE_KWARG = "cache"
 
 
 def transformers_version() -> Version:
@@ -70,3 +80,47 @@ def layer_output(hidden_states):
     if layer_returns_tuple():
         return (hidden_states,)
     return hidden_states
+
+
+def cache_kwarg_name() -> str:
+    """The keyword under which this transformers' attention modules take the cache object."""
+    return _CACHE_KWARG
+
+
+def attentions_requested(output_attentions=None) -> bool:
+    """Whether the running forward records attention weights.
+
+    transformers < 5 passes ``output_attentions`` down to the layers; 5.x records them with hooks on
+    the attention modules, switched on through a context variable of ``capture_outputs`` (so a
+    layer that computes its attention without calling those modules would record nothing).
+    torch.compile cannot trace context variables; compiled forwards never record attentions.
+    """
+    if output_attentions:
+        return True
+    if output_attentions is False:
+        return False
+    import torch
+
+    if torch.compiler.is_compiling():
+        return False
+    var = _output_collector()
+    try:
+        collected = var.get() if var is not None else None
+    except LookupError:  # a plain ContextVar without a default, never set
+        collected = None
+    return isinstance(collected, dict) and "attentions" in collected
+
+
+@functools.lru_cache(maxsize=None)
+def _output_collector():
+    """transformers 5.x's ContextVar holding the outputs being recorded (None if it has none)."""
+    import importlib
+
+    for module in ("transformers.utils.output_capturing", "transformers.utils.generic"):
+        try:
+            var = getattr(importlib.import_module(module), "_active_collector", None)
+        except ImportError:
+            continue
+        if var is not None:
+            return var
+    return None

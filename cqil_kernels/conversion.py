@@ -13,11 +13,11 @@ from torch import nn
 
 from . import compat
 from .backends import resolve_backend
-from .families import family_of_layer
+from .families import FAMILIES, family_of_layer
 from .group import CQILGroup
 from .plan import CQILPlan
 
-__all__ = ["convert", "revert", "get_plan", "is_converted", "from_pretrained", "decoder_layers", "CONFIG_KEY"]
+__all__ = ["convert", "revert", "get_plan", "is_converted", "from_pretrained", "decoder_layers", "check_model", "CONFIG_KEY"]
 
 #: key under which the plan is stored in ``model.config`` (and so in config.json)
 CONFIG_KEY = "cqil"
@@ -41,15 +41,6 @@ class _CQILLayer:
             return compat.layer_output(hidden_states)
         return compat.layer_output(self._cqil_group.forward(hidden_states, **kwargs))
 
-    def _apply(self, fn, *args, **kwargs):
-        # .to()/.cuda()/.half() re-allocate parameters: drop the stale buffers now (memory), the
-        # group restacks from the new parameters on its next forward.
-        result = super()._apply(fn, *args, **kwargs)
-        stack = self._cqil_group.stack
-        if stack is not None:
-            stack.invalidate()
-        return result
-
 
 _SUBCLASSES: dict[type, type] = {}
 
@@ -60,6 +51,20 @@ def _cqil_class(base: type) -> type:
         cls = type(f"CQIL{base.__name__}", (_CQILLayer, base), {"_cqil_base_class": base, "__module__": __name__})
         _SUBCLASSES[base] = cls
     return cls
+
+
+def __getattr__(name: str):
+    """``cqil_kernels.conversion.CQILLlamaDecoderLayer`` etc.: the generated layer classes by name,
+    so ``pickle`` / ``torch.save(model)`` of a converted model can find them again (also in a new
+    process, where no conversion has created them yet)."""
+    if name.startswith("CQIL"):
+        import importlib
+
+        for family in FAMILIES.values():
+            if name == "CQIL" + family.layer_class:
+                module = importlib.import_module(f"transformers.models.{family.name}.modeling_{family.name}")
+                return _cqil_class(getattr(module, family.layer_class))
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def decoder_layers(model) -> nn.ModuleList:
@@ -83,10 +88,27 @@ def is_converted(model) -> bool:
 
 
 def get_plan(model) -> CQILPlan | None:
-    """The plan a converted model runs (None when it is not converted)."""
+    """The plan a converted model runs (None when it is not converted).
+
+    The groups themselves are the truth; the copy in ``model.config`` (which may also list
+    one-layer groups) is returned when it agrees with them.
+    """
     if not is_converted(model):
         return None
-    return CQILPlan.from_dict(getattr(model.config, CONFIG_KEY))
+    groups, bypass = [], []
+    for layer in decoder_layers(model):
+        if isinstance(layer, _CQILLayer) and layer._cqil_leader:
+            groups.append(tuple(layer._cqil_group.indices))
+            bypass.append(layer._cqil_group.bypass)
+    stored = getattr(getattr(model, "config", None), CONFIG_KEY, None)
+    if isinstance(stored, dict):
+        try:
+            plan = CQILPlan.from_dict(stored)
+        except (TypeError, ValueError):
+            plan = None
+        if plan is not None and plan.parallel_groups == tuple(groups):
+            return plan
+    return CQILPlan(groups=groups, bypass=bypass[0] if len(set(bypass)) == 1 else bypass)
 
 
 def _coerce_plan(plan, model) -> CQILPlan:
@@ -119,9 +141,31 @@ def _check_group(model, layers, group) -> None:
     shapes = [[(n, tuple(p.shape)) for n, p in layer.named_parameters()] for layer in members]
     if any(s != shapes[0] for s in shapes[1:]):
         raise ValueError(f"group {list(group)}: layers have different parameter shapes; CQIL groups need identical layers")
-    hidden_act = getattr(cfg, "hidden_act", "silu")
+
+
+def check_model(model, require_loaded: bool = False):
+    """What CQIL computes for a model, checked: returns (decoder layers, family).
+
+    Raises TypeError for an unsupported model or layer family, ValueError for a configuration the
+    group kernels do not implement (a non-SiLU MLP) or, with ``require_loaded``, weights that are
+    not loaded (meta device; ``convert`` checks that per group, since transformers can run
+    offloaded layers outside groups). Shared by ``convert`` and the decode engine, so neither
+    accepts what the other refuses.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch nn.Module from transformers, got {type(model).__name__}")
+    layers = decoder_layers(model)
+    if len(layers) == 0:
+        raise TypeError(f"{type(model).__name__} has no decoder layers")
+    families = {family_of_layer(layer).name for layer in layers}
+    if len(families) != 1:
+        raise TypeError(f"model mixes decoder layer families {sorted(families)}")
+    hidden_act = getattr(getattr(model, "config", None), "hidden_act", "silu")
     if hidden_act not in ("silu", "swish"):
-        raise ValueError(f"hidden_act {hidden_act!r} is not supported: CQIL groups implement SiLU-gated MLPs")
+        raise ValueError(f"hidden_act {hidden_act!r} is not supported: CQIL implements SiLU-gated MLPs")
+    if require_loaded and any(p.device.type == "meta" for p in model.parameters()):
+        raise ValueError("the model has parameters on the meta device (not loaded or offloaded); load the weights first")
+    return layers, family_of_layer(layers[0])
 
 
 def convert(model, plan: CQILPlan | dict | None = None, backend: str = "auto"):
@@ -143,25 +187,17 @@ def convert(model, plan: CQILPlan | dict | None = None, backend: str = "auto"):
         >>> model.generate(**inputs, max_new_tokens=32)
     """
     # ---- check everything first
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch nn.Module from transformers, got {type(model).__name__}")
-    layers = decoder_layers(model)
+    layers, family = check_model(model)
     if is_converted(model):
         raise ValueError("model is already CQIL-converted; call cqil_kernels.revert(model) before converting again")
     plan = _coerce_plan(plan, model)
     plan.validate_for(len(layers))
-    families = {family_of_layer(layer).name for layer in layers}
-    if len(families) != 1:
-        raise TypeError(f"model mixes decoder layer families {sorted(families)}")
-    family = family_of_layer(layers[0])
     for group in plan.groups:
         _check_group(model, layers, group)
     device = next(model.parameters()).device
     backend = resolve_backend(backend, device)
 
-    # ---- then change: build groups (stacking re-points parameters), swap classes
-    # (Stacking copies values into new buffers and re-points the same Parameter objects: should
-    # it fail half way, the model still computes exactly as before.)
+    # ---- then change: build groups (they only reference the layers), swap classes
     built = [
         CQILGroup([layers[i] for i in group], group, plan.bypass, family, backend)
         for group in plan.groups
@@ -170,8 +206,9 @@ def convert(model, plan: CQILPlan | dict | None = None, backend: str = "auto"):
     for g in built:
         for pos, layer in enumerate(g.layers):
             layer.__class__ = _cqil_class(type(layer))
-            layer._cqil_group = g
-            layer._cqil_leader = pos == 0
+            # plain attributes, not submodules: the group must not add state-dict entries
+            layer.__dict__["_cqil_group"] = g
+            layer.__dict__["_cqil_leader"] = pos == 0
     setattr(model.config, CONFIG_KEY, plan.to_dict())
     model._cqil_backend = backend
     if backend == "triton" and device.type == "cuda":
@@ -184,14 +221,14 @@ def convert(model, plan: CQILPlan | dict | None = None, backend: str = "auto"):
 def revert(model):
     """Undo ``convert`` in place: every layer runs sequentially again; returns the model.
 
-    Parameters keep their values (they stay views of the group buffers, which is harmless).
+    Parameters are untouched (conversion never copied or re-pointed them).
     """
     layers = decoder_layers(model)
     for layer in layers:
         if isinstance(layer, _CQILLayer):
             base = layer._cqil_base_class
-            del layer._cqil_group
-            del layer._cqil_leader
+            layer.__dict__.pop("_cqil_group", None)
+            layer.__dict__.pop("_cqil_leader", None)
             layer.__class__ = base
     cfg = getattr(model, "config", None)
     if cfg is not None and hasattr(cfg, CONFIG_KEY):

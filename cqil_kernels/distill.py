@@ -7,7 +7,7 @@ The converted model (student) learns to match the unconverted model without adap
 over every position of the calibration windows (no labels needed). Only LoRA adapters (peft) on
 q/k/v/o/gate/up/down train; by default only the layers of parallel groups get them, which keeps
 the layers outside groups exactly as they were. At the end the adapters are merged into the
-weights (``merge_and_unload``): the result is again a plain converted model running the stacked
+weights (``merge_and_unload``): the result is again a plain converted model running the fused
 fast path, with no inference overhead.
 
 Teacher distribution, exact (no top-k truncation):
@@ -379,21 +379,12 @@ def distill(
     res.settings["steps_run"] = step
     del teacher_logp, prefix_h
     for p in params:
-        p.requires_grad_(False)  # inference from here on; lets the group take the stacked path
+        p.requires_grad_(False)  # inference from here on; lets the group take the fused path
 
-    # ---- merge back into plain weights and make sure the groups run stacked again
+    # ---- merge back into plain weights: the groups read the layers' modules when they run, so
+    # once the LoRA wrappers are gone they take the fused path again on their own
     if merge:
         out = pm.merge_and_unload()
-        # Online teachers re-converted the model while LoRA wrappers were in place (groups built
-        # without stacks): restack from the merged weights. With the cache the original groups
-        # are intact and notice new storage themselves.
-        stale = any(
-            layer._cqil_group.stack is None or not layer._cqil_group.stack.modules_intact()
-            for i, layer in enumerate(decoder_layers(out)) if i in grouped and hasattr(layer, "_cqil_group")
-        )
-        if stale:
-            revert(out)
-            convert(out, plan, backend=backend)
     else:
         out = pm
     if was_training:

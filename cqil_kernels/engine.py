@@ -5,8 +5,10 @@ Eager decode of a small model is launch-bound (an eager op costs ~9 us of CPU, a
 group or layer, final norm, lm_head - is captured once per batch size and replayed per token.
 
 The engine walks ``model.model.layers`` as segments: each CQIL group is one segment (the group's
-own stacked weights and stages, see ``group.py``); every layer outside a group is a segment of one
-layer run by the same kernels (P = 1), so "no groups" and "P2" use identical code.
+own stages, see ``group.py``); every layer outside a group is a segment of one layer run by the
+same kernels (P = 1), so "no groups" and "P2" use identical code. The kernels read each layer's
+own weights; the engine gathers them once per ``prefill`` and notices (and recaptures) when
+they moved since a graph was captured.
 
 The KV cache is one buffer per K and V, ``[L, B, nkv, S, D]``: the P layers of a group are views at
 a constant stride, so the split-KV decode kernel reads them without a copy. Decode attends with a
@@ -23,11 +25,18 @@ import torch
 import torch.nn.functional as F
 
 from .backends import get_ops, resolve_backend
-from .conversion import decoder_layers, get_plan, is_converted
-from .families import family_of_layer
+from .conversion import check_model, decoder_layers, get_plan, is_converted
 from .group import CQILGroup
 
 __all__ = ["DecodeEngine", "generate"]
+
+
+def _int_arg(value, name: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
 
 
 class DecodeEngine:
@@ -35,8 +44,8 @@ class DecodeEngine:
 
     Args:
         model: a transformers Llama/Mistral/Qwen2/Qwen3 causal LM, converted with
-            ``cqil_kernels.convert`` or not. Its weights are used in place (layers outside groups
-            get single-layer stacked views, values unchanged).
+            ``cqil_kernels.convert`` or not (the same models ``convert`` accepts). Its weights are
+            used in place.
         max_batch_size: largest batch ``generate`` will see.
         max_length: KV-cache length S = prompt + new tokens, at most.
         backend: "auto" (Triton on CUDA), "triton" or "torch" for the GEMMs of every segment.
@@ -51,21 +60,22 @@ class DecodeEngine:
         inner = getattr(model, "model", None)
         if inner is None or not hasattr(model, "lm_head"):
             raise TypeError(f"{type(model).__name__} is not a causal LM with model.model and lm_head")
-        if max_batch_size < 1 or max_length < 2:
-            raise ValueError(f"need max_batch_size >= 1 and max_length >= 2, got {max_batch_size}, {max_length}")
+        self.max_batch_size = _int_arg(max_batch_size, "max_batch_size", 1)
+        self.max_length = _int_arg(max_length, "max_length", 2)
+        if cuda_graph is not None and not isinstance(cuda_graph, bool):
+            raise TypeError(f"cuda_graph must be True, False or None, got {cuda_graph!r}")
+        layers, self.family = check_model(model, require_loaded=True)  # what convert refuses, refused here too
         self.model = model
         self.inner = inner
-        layers = decoder_layers(model)
-        self.family = family_of_layer(layers[0])
         cfg = model.config
         window = getattr(cfg, "sliding_window", None)
         uses_window = window is not None and (
             self.family.sliding_window_from == "config"
             or "sliding_attention" in (getattr(cfg, "layer_types", None) or [])
         )
-        if uses_window and max_length > window:
+        if uses_window and self.max_length > window:
             raise ValueError(
-                f"max_length {max_length} exceeds the model's sliding window {window}: the decode engine "
+                f"max_length {self.max_length} exceeds the model's sliding window {window}: the decode engine "
                 "implements full attention only; use model.generate() for longer sequences"
             )
         p = next(model.parameters())
@@ -75,11 +85,9 @@ class DecodeEngine:
             from .ops._common import reserve_tile_counters  # before any graph capture
 
             reserve_tile_counters(self.device)
-        self.cuda_graph = (self.device.type == "cuda") if cuda_graph is None else bool(cuda_graph)
+        self.cuda_graph = (self.device.type == "cuda") if cuda_graph is None else cuda_graph
         if self.cuda_graph and self.device.type != "cuda":
             raise ValueError("cuda_graph=True needs the model on a CUDA device")
-        self.max_batch_size = int(max_batch_size)
-        self.max_length = int(max_length)
         attn0 = layers[0].self_attn
         self.num_layers = len(layers)
         self.head_dim = attn0.head_dim
@@ -95,6 +103,7 @@ class DecodeEngine:
         self._build_segments()
         self._build_rope_tables()
         self._graphs: dict[int, tuple] = {}
+        self._graph_weights = None  # fingerprint of the weights the captured graphs read
         self._pool = None
 
     # ------------------------------------------------------------------ structure
@@ -116,6 +125,18 @@ class DecodeEngine:
                 i += 1
         self.segments = segments
         self.plan_key = self._plan_key()
+        self._weights = [None] * len(segments)
+
+    def _gather_weights(self) -> None:
+        """Each segment's weights for the fused kernels (None: it runs its modules), read now and
+        kept for the decode steps; captured graphs are dropped if the weights moved."""
+        self._weights = [g.fused_weights()[0] for g in self.segments]
+        head = self.model.lm_head.weight
+        fingerprint = (tuple(w.fingerprint() if w is not None else None for w in self._weights),
+                       head.data_ptr(), self.inner.embed_tokens.weight.data_ptr())
+        if fingerprint != self._graph_weights:
+            self._graphs.clear()
+            self._graph_weights = fingerprint
 
     def _build_rope_tables(self) -> None:
         """cos/sin of every position < max_length, from the model's own rotary module.
@@ -147,7 +168,8 @@ class DecodeEngine:
         norm, head = self.inner.norm, self.model.lm_head
         eps = getattr(norm, "variance_epsilon", None)
         if type(head) is torch.nn.Linear and eps is not None and getattr(norm, "weight", None) is not None:
-            return self.ops.qkv_gemm(h, norm.weight[None], head.weight, head.bias, float(eps)).float()
+            bias = None if head.bias is None else [head.bias]
+            return self.ops.qkv_gemm(h, [norm.weight], [head.weight], bias, float(eps)).float()
         return head(norm(h)).float()
 
     @property
@@ -161,20 +183,11 @@ class DecodeEngine:
             self._build_segments()
             self._graphs.clear()
 
-    # ------------------------------------------------------------------ one segment
-    def _segment_forward(self, g: CQILGroup, x2d, B, T, cos, sin, attend):
-        """x2d [B*T, H] -> [B*T, H]; ``attend(g, q, k, v)`` does cache and attention."""
-        stacked = g.use_stacked()
-        q, k, v = g.project_qkv(x2d, stacked, self.ops)
-        q, k, v = g.heads_first(q, k, v, B, T)
-        q, k = g.rotary(q, k, cos, sin)
-        attn = attend(g, q, k, v)  # [P, B*T, nh*D]
-        return g.finish(x2d, attn, stacked, self.ops)
-
-    def _write_cache(self, layer_indices, k, v, B, slot_index):
-        """k/v [B, P*nkv, T, D] into each layer's cache slot(s) ``slot_index`` (long [T])."""
+    # ------------------------------------------------------------------ cache writes
+    def _write_cache(self, g: CQILGroup, k, v, B, slot_index):
+        """k/v [B, P*nkv, T, D] into each of g's layers' cache slot(s) ``slot_index`` (long [T])."""
         nkv = self.num_kv_heads
-        for j, layer in enumerate(layer_indices):
+        for j, layer in enumerate(g.indices):
             self.k_cache[layer, :B].index_copy_(2, slot_index, k[:, j * nkv : (j + 1) * nkv])
             self.v_cache[layer, :B].index_copy_(2, slot_index, v[:, j * nkv : (j + 1) * nkv])
 
@@ -183,6 +196,7 @@ class DecodeEngine:
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Run the prompt [B, T] (left padding in attention_mask) into the cache; logits [B, V] of the last position."""
         self._check_model_unchanged()
+        self._gather_weights()
         B, T = input_ids.shape
         positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
         x = self.inner.embed_tokens(input_ids)
@@ -192,16 +206,10 @@ class DecodeEngine:
         mask = causal[None] & keep[:, None, :]
         # a padding query sees no key: let it see itself so SDPA gives no NaN (its output is unused)
         mask = (mask | torch.eye(T, dtype=torch.bool, device=self.device)[None])[:, None]
-        slots = torch.arange(T, device=self.device)
-
-        def attend(g, q, k, v):
-            self._write_cache(g.indices, k, v, B, slots)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=g.layers[0].self_attn.scaling, enable_gqa=True)
-            return out.transpose(1, 2).reshape(B * T, g.size, -1).transpose(0, 1)
-
+        attend = _PrefillAttention(self, B, T, cos, sin, mask, torch.arange(T, device=self.device))
         h = x.reshape(B * T, -1)
-        for g in self.segments:
-            h = self._segment_forward(g, h, B, T, cos, sin, attend)
+        for g, w in zip(self.segments, self._weights):
+            h = g.mlp_stage(h, attend(g, h, w, self.ops), w, self.ops)
         last = h.view(B, T, -1)[:, -1]
         state = self._state(B)
         state["kv_mask"].zero_()
@@ -226,40 +234,26 @@ class DecodeEngine:
             }
         return st[B]
 
+    def _cached_attention(self, g: CQILGroup, q, B: int, kv_mask):
+        """q [B, P*nh, D] against g's layers' cache slices -> [P, B, nh*D] (a strided view)."""
+        keys = [self.k_cache[i, :B] for i in g.indices]
+        values = [self.v_cache[i, :B] for i in g.indices]
+        out = self._decode_attention(q, keys, values, kv_mask, self.max_length, g.layers[0].self_attn.scaling)
+        return out.view(B, g.size, -1).transpose(0, 1)
+
     def _decode_step(self, B: int) -> torch.Tensor:
         """One token per sequence from the fixed buffers; advances them. Returns logits [B, V] fp32."""
         st = self._state(B)
-        slot, kv_mask, S = st["slot"], st["kv_mask"], self.max_length
-        kv_mask.index_fill_(1, slot, True)  # the new token attends to itself
+        st["kv_mask"].index_fill_(1, st["slot"], True)  # the new token attends to itself
         x = self.inner.embed_tokens(st["tok"])
         cos, sin = self._rotary(x, st["pos"])
-
-        def cached_attention(g, q):
-            """q [B, P*nh, D] against the group's cache slices -> [P, B, nh*D] (a strided view)."""
-            keys = [self.k_cache[i, :B] for i in g.indices]
-            values = [self.v_cache[i, :B] for i in g.indices]
-            out = self._decode_attention(q, keys, values, kv_mask, S, g.layers[0].self_attn.scaling)
-            return out.view(B, g.size, -1).transpose(0, 1)
-
-        def attend(g, q, k, v):
-            self._write_cache(g.indices, k, v, B, slot)
-            return cached_attention(g, q[:, :, 0])
-
-        # Fast path per segment: QKV GEMM + RoPE + cache write (2 kernels), one attention over the
-        # P*nh heads, then o_proj / gate-up / down (see group.finish). Needs the stacked weights and
-        # a full-width rotary table; anything else takes the staged path above.
-        cos2d, sin2d = cos.reshape(B, -1), sin.reshape(B, -1)
-        full_rotary = cos2d.shape[-1] == self.head_dim
+        attend = _DecodeAttention(self, B, cos, sin, st)
         h = x.reshape(B, -1)
-        for g in self.segments:
-            if full_rotary and g.use_stacked():
-                q = g.qkv_rope_cache(h, cos2d, sin2d, self.k_cache, self.v_cache, slot, 1, self.ops)
-                h = g.finish(h, cached_attention(g, q), True, self.ops)
-            else:
-                h = self._segment_forward(g, h, B, 1, cos, sin, attend)
+        for g, w in zip(self.segments, self._weights):
+            h = g.mlp_stage(h, attend(g, h, w, self.ops), w, self.ops)
         logits = self._logits(h)
         st["pos"].add_(1)
-        slot.add_(1)
+        st["slot"].add_(1)
         return logits
 
     def _graph_step(self, B: int):
@@ -269,7 +263,7 @@ class DecodeEngine:
             graph, logits = entry
             graph.replay()
             return logits
-        # Warm up (Triton JIT, cuBLAS handles) on a side stream: this run is the real step.
+        # Warm up (Triton JIT, cuBLAS handles, weight tables) on a side stream: this run is the real step.
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
@@ -288,14 +282,17 @@ class DecodeEngine:
     def step(self, tokens: torch.Tensor, cuda_graph: bool | None = None) -> torch.Tensor:
         """Feed one token per sequence (long [B] or [B, 1]) after ``prefill``; logits [B, V] fp32.
 
-        A convert/revert of the model is picked up by the next ``prefill``, not mid-sequence.
-        ``cuda_graph=False`` runs this step eagerly even on a graph engine (same buffers, same
-        result; e.g. to count its launches with ``cqil_kernels.launches.LaunchCounter``).
+        A convert/revert of the model, or weights that moved, are picked up by the next
+        ``prefill``, not mid-sequence. ``cuda_graph=False`` runs this step eagerly even on a graph
+        engine (same buffers, same result; e.g. to count its launches with
+        ``cqil_kernels.launches.LaunchCounter``).
 
         With CUDA graphs the returned tensor is the graph's static output: it is overwritten by the
         next step (clone it to keep it).
         """
         B = tokens.shape[0]
+        if B not in getattr(self, "_states", {}):
+            raise RuntimeError(f"no prefilled sequences of batch size {B}: call prefill() before step()")
         self._state(B)["tok"].copy_(tokens.view(B, 1))
         if self.cuda_graph and cuda_graph is not False:
             return self._graph_step(B)
@@ -317,25 +314,23 @@ class DecodeEngine:
     ) -> torch.Tensor:
         """Greedy or sampled generation; returns [B, T + new] like ``model.generate`` (left padding).
 
-        Stops early when every sequence has produced an EOS (then pads with ``pad_token_id``).
+        As in transformers: ``eos_token_id`` / ``pad_token_id`` default to the model's
+        ``generation_config``; a sequence that produced an EOS is continued with the pad token, and
+        generation stops once every sequence has (the result is then shorter than
+        T + max_new_tokens). Pass ``eos_token_id=[]`` to generate exactly ``max_new_tokens``.
         """
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+        input_ids, attention_mask = self._check_inputs(input_ids, attention_mask)
+        max_new_tokens = _int_arg(max_new_tokens, "max_new_tokens", 1)
         B, T = input_ids.shape
         if B > self.max_batch_size:
             raise ValueError(f"batch {B} exceeds max_batch_size {self.max_batch_size}")
         if T + max_new_tokens > self.max_length:
             raise ValueError(f"prompt {T} + max_new_tokens {max_new_tokens} exceeds max_length {self.max_length}")
-        if max_new_tokens < 1:
-            return input_ids
-        self._check_model_unchanged()
-        input_ids = input_ids.to(self.device)
-        attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(self.device)
-        eos = None
-        if eos_token_id is not None:
-            eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=self.device)
-            if pad_token_id is None:
-                pad_token_id = int(eos[0])
+        if do_sample and not temperature > 0:
+            raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+        if top_k is not None:
+            _int_arg(top_k, "top_k", 0)
+        eos, pad_token_id = self._eos_and_pad(eos_token_id, pad_token_id)
         finished = torch.zeros(B, dtype=torch.bool, device=self.device)
         logits = self.prefill(input_ids, attention_mask)
         out = [input_ids]
@@ -350,12 +345,48 @@ class DecodeEngine:
             logits = self.step(nxt)
         return torch.cat(out, dim=1)
 
+    def _check_inputs(self, input_ids, attention_mask):
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] < 1:
+            shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+            raise ValueError(f"input_ids must be a [batch, seq] tensor with seq >= 1, got {shape}")
+        if input_ids.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"input_ids must be an integer (long) tensor, got {input_ids.dtype}")
+        vocab = self.inner.embed_tokens.num_embeddings
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= vocab:
+            raise ValueError(f"input_ids must lie in [0, {vocab}) (the vocabulary), got values in [{lo}, {hi}]")
+        input_ids = input_ids.to(self.device, torch.long)
+        if attention_mask is None:
+            return input_ids, torch.ones_like(input_ids)
+        if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != tuple(input_ids.shape):
+            shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
+            raise ValueError(f"attention_mask must have input_ids' shape {tuple(input_ids.shape)}, got {shape}")
+        attention_mask = attention_mask.to(self.device)
+        if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+            raise ValueError("attention_mask must hold only 0 and 1")
+        if not bool(attention_mask[:, -1].bool().all()):
+            raise ValueError("attention_mask must be left-padded: every sequence's last position must be 1")
+        return input_ids, attention_mask.long()
+
+    def _eos_and_pad(self, eos_token_id, pad_token_id):
+        gen = getattr(self.model, "generation_config", None)
+        if eos_token_id is None:
+            eos_token_id = getattr(gen, "eos_token_id", None)
+        if pad_token_id is None:
+            pad_token_id = getattr(gen, "pad_token_id", None)
+        ids = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+        if not ids:
+            return None, pad_token_id
+        for t in ids:
+            _int_arg(t, "eos_token_id", 0)
+        if pad_token_id is None:
+            pad_token_id = ids[0]  # transformers does the same (with a warning)
+        return torch.tensor(ids, device=self.device), _int_arg(pad_token_id, "pad_token_id", 0)
+
     @staticmethod
     def _choose(logits, do_sample, temperature, top_k, generator):
         if not do_sample:
             return logits.argmax(-1)
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
         scores = logits / temperature
         if top_k is not None and top_k > 0:
             kth = torch.topk(scores, min(top_k, scores.shape[-1]), dim=-1).values[:, -1:]
@@ -363,14 +394,74 @@ class DecodeEngine:
         return torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=generator)[:, 0]
 
 
+class _PrefillAttention:
+    """Attention stage of the prompt: q/k/v (staged), RoPE, static-cache write, SDPA over the
+    group's P*nh heads, o_proj."""
+
+    def __init__(self, engine: DecodeEngine, B, T, cos, sin, mask, slots):
+        self.e, self.B, self.T, self.cos, self.sin, self.mask, self.slots = engine, B, T, cos, sin, mask, slots
+
+    def __call__(self, g: CQILGroup, x, weights, ops):
+        B, T = self.B, self.T
+        q, k, v = g.project_qkv(x, weights, ops)
+        q, k, v = g.heads_first(q, k, v, B, T)
+        q, k = g.rotary(q, k, self.cos, self.sin)
+        self.e._write_cache(g, k, v, B, self.slots)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, scale=g.layers[0].self_attn.scaling,
+                                             enable_gqa=True)
+        return g.o_proj(out.transpose(1, 2).reshape(B * T, g.size, -1).transpose(0, 1), weights, ops)
+
+
+class _DecodeAttention:
+    """Attention stage of one decode step. Fast path per segment: QKV GEMM + RoPE + cache write
+    (2 kernels), one split-KV attention over the P*nh heads, o_proj. Needs the fused weights and a
+    full-width rotary table; anything else takes the staged path (same cache, same attention)."""
+
+    def __init__(self, engine: DecodeEngine, B, cos, sin, state):
+        self.e, self.B, self.cos, self.sin, self.st = engine, B, cos, sin, state
+        self.cos2d, self.sin2d = cos.reshape(B, -1), sin.reshape(B, -1)
+        self.full_rotary = self.cos2d.shape[-1] == engine.head_dim
+
+    def __call__(self, g: CQILGroup, x, weights, ops):
+        e, B, st = self.e, self.B, self.st
+        if weights is not None and self.full_rotary:
+            q = g.qkv_rope_cache(x, weights, ops, self.cos2d, self.sin2d, e.k_cache, e.v_cache, st["slot"], 1)
+        else:
+            q, k, v = g.project_qkv(x, weights, ops)
+            q, k, v = g.heads_first(q, k, v, B, 1)
+            q, k = g.rotary(q, k, self.cos, self.sin)
+            e._write_cache(g, k, v, B, st["slot"])
+            q = q[:, :, 0]
+        return g.o_proj(e._cached_attention(g, q, B, st["kv_mask"]), weights, ops)
+
+
+class _EngineSlot:
+    """Holds the engine ``generate`` caches on a model. A cache, not state: copies and pickles of
+    the model get an empty slot (an engine holds KV buffers and CUDA graphs, which neither copy
+    nor pickle)."""
+
+    def __init__(self, engine=None):
+        self.engine = engine
+
+    def __deepcopy__(self, memo):
+        return _EngineSlot()
+
+    def __reduce__(self):
+        return (_EngineSlot, ())
+
+
 def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_new_tokens: int = 32,
              backend: str = "auto", cuda_graph: bool | None = None, **kwargs) -> torch.Tensor:
     """Generate with a cached ``DecodeEngine`` for ``model`` (built on first use, rebuilt when the
     batch or length outgrows it). ``kwargs``: do_sample, temperature, top_k, eos_token_id,
-    pad_token_id, generator. Returns [B, T + new]."""
+    pad_token_id, generator (see ``DecodeEngine.generate``). Returns [B, T + new]."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        raise ValueError("input_ids must be a [batch, seq] tensor")
+    max_new_tokens = _int_arg(max_new_tokens, "max_new_tokens", 1)
     B, T = input_ids.shape
     need = T + max_new_tokens
-    engine = model.__dict__.get("_cqil_engine")
+    slot = model.__dict__.get("_cqil_engine")
+    engine = slot.engine if isinstance(slot, _EngineSlot) else None
     if (
         engine is None
         or engine.max_batch_size < B
@@ -379,5 +470,5 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
         or (cuda_graph is not None and engine.cuda_graph != cuda_graph)
     ):
         engine = DecodeEngine(model, max_batch_size=B, max_length=need, backend=backend, cuda_graph=cuda_graph)
-        model.__dict__["_cqil_engine"] = engine  # not a submodule: no state-dict entries
+        model.__dict__["_cqil_engine"] = _EngineSlot(engine)  # not a submodule: no state-dict entries
     return engine.generate(input_ids, attention_mask, max_new_tokens=max_new_tokens, **kwargs)

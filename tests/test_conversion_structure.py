@@ -38,12 +38,18 @@ def test_layers_keys_and_memory_are_kept(family):
     ck.convert(model, PLAN, backend="torch")
     assert len(model.model.layers) == n_layers
     assert list(model.state_dict().keys()) == keys
-    # the same Parameter objects, now views into the group buffers: no second copy
+    # the same Parameter objects with their own storage: nothing copied, nothing aliased
+    ptrs_before = {n: p.data_ptr() for n, p in params_before.items()}
     assert all(p is params_before[n] for n, p in model.named_parameters())
-    assert storage_bytes(model) <= nbytes
+    assert {n: p.data_ptr() for n, p in model.named_parameters()} == ptrs_before
+    assert storage_bytes(model) == nbytes
+    storages = [p.untyped_storage().data_ptr() for p in model.parameters()]
+    assert len(set(storages)) == len(storages), "a parameter shares storage with another"
+    # and the group's kernels read exactly those tensors
     layer = model.model.layers[3]
-    group = layer._cqil_group
-    assert layer.self_attn.q_proj.weight.untyped_storage().data_ptr() == group.stack.qkv_weight.untyped_storage().data_ptr()
+    with torch.no_grad():
+        weights, why = layer._cqil_group.fused_weights()
+    assert why is None and weights.qkv[3] is model.model.layers[4].self_attn.q_proj.weight
 
 
 def test_load_state_dict_writes_through_to_the_group():
@@ -57,7 +63,7 @@ def test_load_state_dict_writes_through_to_the_group():
         torch.testing.assert_close(model(ids).logits, ref(ids).logits, atol=2e-4, rtol=0)
 
 
-def test_dtype_change_after_conversion_restacks():
+def test_dtype_change_after_conversion_is_picked_up():
     model = make_tiny("qwen2", num_layers=6)
     ref = reference_model(model, PLAN.groups, PLAN.bypass).double()
     ck.convert(model, PLAN, backend="torch")
@@ -67,9 +73,9 @@ def test_dtype_change_after_conversion_restacks():
         out = model(ids).logits
         # HF normalises in fp32 even for fp64 models, the fused references in fp64: 1e-6 apart
         torch.testing.assert_close(out, ref(ids).logits, atol=1e-6, rtol=0)
-    group = model.model.layers[1]._cqil_group
-    assert group.stack.qkv_weight.dtype == torch.float64
-    assert group.stack.is_fresh()
+    with torch.no_grad():
+        weights, why = model.model.layers[1]._cqil_group.fused_weights()
+    assert why is None and all(t.dtype == torch.float64 for t in weights.tensors())
 
 
 def test_peft_lora_targets_and_outputs():
@@ -98,7 +104,7 @@ def test_peft_lora_targets_and_outputs():
         got = pm(input_ids=ids).logits
         want = oracle(input_ids=ids).logits
         torch.testing.assert_close(got, want, atol=2e-4, rtol=0)
-        # and LoRA matters (the group did not silently run the stacked base weights)
+        # and LoRA matters (the group did not silently run the base weights)
         with pm.disable_adapter():
             plain = pm(input_ids=ids).logits
     assert (plain - got).abs().max() > 1e-2
@@ -150,3 +156,16 @@ def test_conversion_inside_inference_mode_leaves_trainable_parameters():
     model.train()
     model(batch(), labels=batch()).loss.backward()
     assert model.model.layers[1].self_attn.q_proj.weight.grad is not None
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
+def test_every_family_takes_the_fused_path(family):
+    """A plain converted model runs its groups on the kernels, not the modules fallback (which
+    would be correct but silently slow)."""
+    model = make_tiny(family, num_layers=6)
+    ck.convert(model, PLAN, backend="torch")
+    with torch.no_grad():
+        for i in (1, 3):
+            weights, why = model.model.layers[i]._cqil_group.fused_weights()
+            assert why is None, why
+    assert "gradients" in model.model.layers[1]._cqil_group.fused_weights()[1]  # grad enabled: the modules

@@ -207,13 +207,13 @@ def test_module_generate_reuses_cached_engine():
     ids, mask = left_padded_prompt(batch=2, pads=(0, 3))
     ref = hf_greedy(model, ids, mask, 6)
     out = ck.generate(model, ids, mask, max_new_tokens=6, backend="torch")
-    engine = model.__dict__["_cqil_engine"]
+    engine = model.__dict__["_cqil_engine"].engine
     assert torch.equal(out, ref)
     out2 = ck.generate(model, ids[:1], mask[:1], max_new_tokens=4, backend="torch")  # fits: reused
-    assert model.__dict__["_cqil_engine"] is engine
+    assert model.__dict__["_cqil_engine"].engine is engine
     assert torch.equal(out2, ref[:1, : ids.shape[1] + 4])
     ck.generate(model, ids, mask, max_new_tokens=20, backend="torch")  # longer: rebuilt
-    assert model.__dict__["_cqil_engine"] is not engine
+    assert model.__dict__["_cqil_engine"].engine is not engine
     assert "_cqil_engine" not in model.state_dict()
 
 

@@ -85,7 +85,7 @@ def test_serial_split_k_ptx_orders_stores_barrier_atomic_loads(device, op):
         if op == "batched_gemm":
             from cqil_kernels.ops.batched_gemm import batched_gemm_triton
 
-            batched_gemm_triton(torch.empty(2, 1, 4096, dtype=bf), torch.empty(2, 4096, 4096, dtype=bf))
+            batched_gemm_triton(torch.empty(2, 1, 4096, dtype=bf), [torch.empty(4096, 4096, dtype=bf) for _ in range(2)])
         else:
             from cqil_kernels.ops.decode_attention import decode_attention_triton
 
@@ -105,3 +105,49 @@ def test_serial_split_k_ptx_orders_stores_barrier_atomic_loads(device, op):
     barrier_after = next(i for i, ln in enumerate(after) if ln.startswith("bar.sync"))
     partial_loads = [i for i, ln in enumerate(after) if "ld.global.cg" in ln]
     assert partial_loads and partial_loads[0] > barrier_after, "partials read before the arrival count is shared"
+
+
+def _decode_gemm_launches(bypass: int):
+    """Dry-recorded decode (M = 1) launches of every GEMM op at Llama-7B shapes, P = 2 (bf16)."""
+    from gpu_compile import LaunchRecorder
+    from sm90_resources import as_on_gpu
+
+    from cqil_kernels.ops.batched_gemm import batched_gemm_triton
+    from cqil_kernels.ops.down_sum import down_sum_triton
+    from cqil_kernels.ops.gate_up import gate_up_silu_triton
+    from cqil_kernels.ops.qkv_gemm import qkv_gemm_triton
+
+    bf = torch.bfloat16
+    e = lambda *s: torch.empty(*s, dtype=bf)  # noqa: E731
+    P, H, I = 2, 4096, 11008
+    with as_on_gpu(), LaunchRecorder(dry=True) as rec:
+        x = e(1, H)
+        qkv_gemm_triton(x, [e(H) for _ in range(P)], [e(H, H) for _ in range(3 * P)], None, 1e-6)
+        batched_gemm_triton(e(P, 1, H), [e(H, H) for _ in range(P)])
+        gate_up_silu_triton(e(P, 1, H), [e(H) for _ in range(P)], [e(I, H) for _ in range(P)],
+                            [e(I, H) for _ in range(P)], 1e-6, x, bypass)
+        down_sum_triton(e(P, 1, I), [e(H, I) for _ in range(P)], x, e(P, 1, H))
+    return [dict(r, keep_ptx=True) for r in rec.unique()]
+
+
+@pytest.mark.parametrize("bypass", [0, 1])
+def test_decode_gemm_k_loops_are_software_pipelined(device, bypass):
+    """Every decode GEMM's K loop compiles to asynchronous copies (cp.async) into a multi-stage
+    shared-memory ring, for every bypass: weights stream while the previous tile is multiplied.
+    A loop Triton cannot pipeline (e.g. a runtime-bounded loop nested inside the K loop, as the
+    bypass terms once were) compiles to plain loads and no cp.async."""
+    pytest.importorskip("triton")
+    if device != "cpu":
+        pytest.skip("records through the interpreter")
+    from sm90_resources import compile_records
+
+    records = _decode_gemm_launches(bypass)
+    names = {r["name"] for r in records}
+    assert names >= {"_qkv_gemm_kernel", "_batched_gemm_kernel", "_gate_up_kernel", "_down_sum_kernel"}, names
+    for rec, result in zip(records, compile_records(records, arch=90, ptxas_info=True)):
+        assert result["ok"], result.get("error")
+        if rec["name"] == "_splitk_reduce_kernel":
+            continue
+        ptx = result["ptx"]
+        assert "cp.async" in ptx, f"{result['name']}: K loop not pipelined (no cp.async)"
+        assert result["spill_store_bytes"] in (0, None) or result["spill_store_bytes"] <= 8, result

@@ -33,7 +33,8 @@ def test_counts_triton_launches_not_the_interpreters_own_ops(device, monkeypatch
 
     if device == "cpu":
         monkeypatch.setenv("TRITON_INTERPRET", "1")
-    x, nw, w = torch.randn(2, 40, device=device), torch.ones(2, 40, device=device), torch.randn(48, 40, device=device)
+    x, nw = torch.randn(2, 40, device=device), [torch.ones(40, device=device) for _ in range(2)]
+    w = [torch.randn(24, 40, device=device) for _ in range(2)]
     monkeypatch.setattr(_common, "SPLITK_MODE", "kernel")
     with LaunchCounter() as c:
         qkv_gemm_triton(x, nw, w, None, 1e-6, split_k=2)
