@@ -72,7 +72,7 @@ class RankError(RuntimeError):
                          f"--- child traceback ---\n{outcome.traceback}")
 
 
-def _child(fn, rank, world_size, port, backend, pg_timeout, args, results, env):
+def _child(fn, rank, world_size, port, backend, device, pg_timeout, args, results, env):
     start = time.monotonic()
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
                        "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
@@ -83,7 +83,7 @@ def _child(fn, rank, world_size, port, backend, pg_timeout, args, results, env):
         torch.set_num_threads(1)  # W ranks on 2 cores: no oversubscription
         import cqil_kernels.distributed as cd
 
-        ctx = cd.init(backend=backend, timeout=pg_timeout)
+        ctx = cd.init(backend=backend, timeout=pg_timeout, device=device)
         try:
             value = fn(ctx, *args)
         finally:
@@ -96,13 +96,14 @@ def _child(fn, rank, world_size, port, backend, pg_timeout, args, results, env):
         results.put((rank, "error", None, type(e).__name__, str(e), traceback.format_exc(), time.monotonic() - start))
 
 
-def run_ranks(fn, world_size: int, *args, backend: str = "gloo", pg_timeout: float = 10.0,
+def run_ranks(fn, world_size: int, *args, backend: str = "gloo", device=None, pg_timeout: float = 10.0,
               join_timeout: float = 60.0, grace: float = 2.0, expect_failure: bool = False,
               env: dict | None = None):
     """Run ``fn(ctx, *args)`` on ``world_size`` ranks; the list of per-rank return values.
 
     Args:
         backend: process-group backend passed to ``init``.
+        device: the ranks' device passed to ``init`` (default: ``init``'s choice - the CPU for gloo).
         pg_timeout: process-group timeout (s) inside the ranks.
         join_timeout: the whole run must end within this many seconds.
         grace: once a rank has failed, how long the others may still take before termination.
@@ -116,7 +117,7 @@ def run_ranks(fn, world_size: int, *args, backend: str = "gloo", pg_timeout: flo
     ctx = _mp_context()
     results = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_child, args=(fn, r, world_size, port, backend, pg_timeout, args, results, env),
+    procs = [ctx.Process(target=_child, args=(fn, r, world_size, port, backend, device, pg_timeout, args, results, env),
                          daemon=True) for r in range(world_size)]
     start = time.monotonic()
     for p in procs:

@@ -137,3 +137,31 @@ def test_torchrun_selftest_end_to_end():
     report = json.loads(lines[0])
     assert report["world_size"] == 2 and report["backend"] == "gloo" and report["all_ranks_passed"]
     assert all(report["checks"].values())
+
+
+def test_guard_translates_backend_errors():
+    with pytest.raises(cd.DistributedError, match=r"rank 3: all_reduce failed: a peer rank exited .*Connection closed"):
+        with cd.collective_guard(lambda: "all_reduce", rank=3, timeout_s=5):
+            raise RuntimeError("[pair.cc:553] Connection closed by peer [127.0.0.1]:1234")
+    with pytest.raises(cd.DistributedError, match="timeout of 5 s"):
+        with cd.collective_guard("x", timeout_s=5):
+            raise RuntimeError("Timed out waiting 5000ms for recv operation to complete")
+    with pytest.raises(KeyError):  # not a backend error: untouched
+        with cd.collective_guard("x"):
+            raise KeyError("k")
+
+
+def test_wait_event_has_a_deadline():
+    class Never:
+        def query(self):
+            return False
+
+    class Done:
+        def query(self):
+            return True
+
+    cd.wait_event(Done(), 0.01)
+    t0 = time.monotonic()
+    with pytest.raises(cd.DistributedError, match="did not complete within 0.2 s"):
+        cd.wait_event(Never(), 0.2, "decode step")
+    assert time.monotonic() - t0 < 2.0
