@@ -150,7 +150,7 @@ def model_rows(name: str, costs: SegmentCosts, layers: int, plans: dict, hidden:
                 "speedup_vs_1dev_sequential": seq_1 / plain["ms"], "speedup_vs_1dev_plan": plan_1 / plain["ms"],
                 "latency_change_pct": (plain["ms"] / seq_1 - 1) * 100,
                 "paper_latency_change_pct": PAPER_LATENCY_CHANGE.get((name, p)),
-                "terms": plain["terms"],
+                "terms": plain["terms"], "split_groups": plain["split_groups"],
                 "batch2_ms_plain": batch2_plain, "batch2_ms_two_microbatches": batch2_overlap,
             }
             for ph, (tokens, full, half) in (phase_costs or {}).items():
@@ -164,8 +164,19 @@ def model_rows(name: str, costs: SegmentCosts, layers: int, plans: dict, hidden:
                 row["target_speedup"] = target
                 row["target_met_vs_1dev_sequential"] = row["speedup_vs_1dev_sequential"] >= target
                 row["target_met_vs_1dev_plan"] = row["speedup_vs_1dev_plan"] >= target
+                row["groups_needed_for_target_vs_1dev_sequential"] = groups_needed(layers, p, costs, t1, seq_1 / target)
             rows.append(row)
     return rows
+
+
+def groups_needed(layers: int, p: int, costs: SegmentCosts, t_ar_ms: float, goal_ms: float) -> int | None:
+    """Fewest groups of ``p`` layers on ``p`` ranks that bring the modeled step to ``goal_ms`` (None:
+    not even every layer grouped). Without overlap only the number of groups matters, not where."""
+    for n in range(1, layers // p + 1):
+        groups = [list(range(i * p, (i + 1) * p)) for i in range(n)]
+        if modeled_step(layers, groups, p, costs, t_ar_ms)["ms"] <= goal_ms:
+            return n
+    return None
 
 
 def anchored_rows() -> tuple[list[dict], dict]:
@@ -273,6 +284,14 @@ def print_rows(rows: list[dict]) -> None:
                       r["paper_latency_change_pct"] if r["paper_latency_change_pct"] is not None else "-",
                       round(r["batch2_ms_plain"], 3), round(r["batch2_ms_two_microbatches"], 3), met])
     print(format_table(header, table))
+    for r in rows:
+        if "target_speedup" in r:
+            n = r["groups_needed_for_target_vs_1dev_sequential"]
+            have = r["split_groups"] if "split_groups" in r else "?"
+            print(f"{r['model']} {r['plan']} ({r['all_reduce']}): {r['speedup_vs_1dev_sequential']:.3f}x vs the 1-device "
+                  f"sequential engine, target {r['target_speedup']}x {'met' if r['target_met_vs_1dev_sequential'] else 'NOT met'}"
+                  f"; the model needs {n if n is not None else 'more than all'} groups of {r['world_size']} "
+                  f"({r['plan']} has {have})")
     pre = [r for r in rows if "prefill2x512_ms_plain" in r]
     if pre:
         print()

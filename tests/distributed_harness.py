@@ -125,33 +125,33 @@ def run_ranks(fn, world_size: int, *args, backend: str = "gloo", device=None, pg
     outcomes: dict[int, RankOutcome] = {}
     deadline = start + join_timeout
     failed_at = None
+
+    def drain(timeout: float) -> None:
+        nonlocal failed_at
+        while True:
+            try:
+                rank, status, value, etype, msg, tb, elapsed = results.get(timeout=timeout)
+            except queue_module.Empty:
+                return
+            outcomes[rank] = RankOutcome(rank, status, value, etype, msg, tb, elapsed_s=elapsed)
+            if status == "error" and failed_at is None:
+                failed_at = time.monotonic()
+            timeout = 0.01
+
     try:
         while len(outcomes) < world_size:
             now = time.monotonic()
-            if failed_at is not None and now > failed_at + grace:
+            if now > deadline or (failed_at is not None and now > failed_at + grace):
                 break
-            if now > deadline:
-                break
-            try:
-                rank, status, value, etype, msg, tb, elapsed = results.get(timeout=0.05)
-                outcomes[rank] = RankOutcome(rank, status, value, etype, msg, tb, elapsed_s=elapsed)
-                if status == "error" and failed_at is None:
-                    failed_at = time.monotonic()
-            except queue_module.Empty:
-                pass
-            for r, p in enumerate(procs):  # died without reporting (killed, os._exit)
-                if r not in outcomes and not p.is_alive() and p.exitcode is not None:
-                    # a result may still be in flight: look once more before declaring it dead
-                    try:
-                        rank, status, value, etype, msg, tb, elapsed = results.get(timeout=0.2)
-                        outcomes[rank] = RankOutcome(rank, status, value, etype, msg, tb, elapsed_s=elapsed)
-                        continue
-                    except queue_module.Empty:
-                        pass
-                    if r not in outcomes:
-                        outcomes[r] = RankOutcome(r, "exited", exitcode=p.exitcode, elapsed_s=time.monotonic() - start)
-                        if failed_at is None:
-                            failed_at = time.monotonic()
+            drain(0.05)
+            dead = [r for r, p in enumerate(procs) if r not in outcomes and p.exitcode is not None]
+            if dead:
+                drain(0.2)  # its result may still be in the pipe
+                for r in dead:
+                    if r not in outcomes:  # died without reporting (killed, os._exit, a crash)
+                        outcomes[r] = RankOutcome(r, "exited", exitcode=procs[r].exitcode,
+                                                  elapsed_s=time.monotonic() - start)
+                        failed_at = failed_at or time.monotonic()
     finally:
         for p in procs:
             p.join(timeout=0.5 if failed_at is None else 0.1)
@@ -164,8 +164,10 @@ def run_ranks(fn, world_size: int, *args, backend: str = "gloo", device=None, pg
                     p.join(timeout=2.0)
                 if r not in outcomes:
                     outcomes[r] = RankOutcome(r, "terminated", exitcode=p.exitcode, elapsed_s=time.monotonic() - start)
+            elif r not in outcomes:  # ended by itself while the others were being collected
+                outcomes[r] = RankOutcome(r, "exited", exitcode=p.exitcode, elapsed_s=time.monotonic() - start)
         results.close()
-    ordered = [outcomes.get(r, RankOutcome(r, "terminated")) for r in range(world_size)]
+    ordered = [outcomes[r] for r in range(world_size)]
     if expect_failure:
         return ordered
     errors = [o for o in ordered if o.status == "error"]
