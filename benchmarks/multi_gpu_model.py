@@ -206,7 +206,6 @@ def measure_segment_costs(shape: str, device: str, steps: int, threads: int, bac
     medians are recorded too).
     """
     import statistics
-    import time
 
     import torch
 

@@ -200,6 +200,11 @@ class Communicator:
         return cls(ctx.group, ctx.device, policy, timeout_s=ctx.timeout_s, **kwargs)
 
     @property
+    def _uses_nccl(self) -> bool:
+        # "nccl", or a combined backend such as "cpu:gloo,cuda:nccl" (CUDA tensors go to NCCL)
+        return self.backend is not None and "nccl" in self.backend and self.device.type == "cuda"
+
+    @property
     def trivial(self) -> bool:
         """One process: every collective is the identity."""
         return self.world_size == 1
@@ -266,7 +271,7 @@ class Communicator:
     def _all_agree(self, flag: bool) -> bool:
         import torch.distributed as dist
 
-        where = self.device if self.backend == "nccl" else torch.device("cpu")
+        where = self.device if self._uses_nccl else torch.device("cpu")
         t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=where)
         with collective_guard("agreement on symmetric memory", self.rank, self.timeout_s):
             dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.group)
@@ -389,7 +394,7 @@ class Communicator:
             raise ValueError(f"{op} needs a contiguous tensor (got strides {t.stride()} for shape {list(t.shape)})")
 
     def _refuse_host_collective_in_capture(self, op: str) -> None:
-        if self.backend != "nccl" and _is_capturing(self.device):
+        if not self._uses_nccl and _is_capturing(self.device):
             raise RuntimeError(
                 f"{op} through {self.backend} cannot be captured in a CUDA graph (gloo runs on the host); "
                 "use the NCCL backend, prepared symmetric memory, or run this step without a graph"
