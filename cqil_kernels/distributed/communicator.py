@@ -296,7 +296,9 @@ class Communicator:
         """Sum ``t`` over the ranks, in place (every rank gets the bitwise-same result); returns ``t``.
 
         ``t``: contiguous, on this communicator's device, any shape (e.g. a group's summed
-        deltas ``[M, H]``). The one reduction per split group.
+        deltas ``[M, H]``). The one reduction per split group. A collective: every rank calls it
+        with the same shape and dtype, in the same order - also when capturing a CUDA graph, where
+        every rank must capture the same sequence of collectives and replay it in the same order.
         """
         return self.all_reduce_async_(t).wait()
 
