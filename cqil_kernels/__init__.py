@@ -4,10 +4,12 @@ Importing this package has no side effects: it sets no environment variables, ad
 handlers and never touches CUDA. Triton kernels are imported only when a Triton backend is used.
 """
 
+from . import distributed  # noqa: F401  (cqil_kernels.distributed.init(), ...; creates no process group)
 from .analysis import GroupCost, LayerAnalysis, analyze
 from .conversion import convert, from_pretrained, get_plan, is_converted, revert
 from .distill import DistillResult, distill
 from .engine import DecodeEngine, generate
+from .group import CQILDecoderGroup
 from .evaluate import EvalResult, base_log_probs, compare_plans, evaluate, plan_applied
 from .loading import load_model
 from .plan import CQILPlan
@@ -24,6 +26,7 @@ __all__ = [
     "get_plan",
     "is_converted",
     "from_pretrained",
+    "CQILDecoderGroup",
     # low-latency generation
     "DecodeEngine",
     "generate",

@@ -20,6 +20,7 @@ __all__ = [
     "cache_update",
     "layer_output",
     "cache_kwarg_name",
+    "cache_touch",
     "attentions_requested",
 ]
 
@@ -73,6 +74,18 @@ def cache_update(cache, key_states, value_states, layer_idx: int, cos, sin, cach
         cache_kwargs = {"sin": sin, "cos": cos, "cache_position": cache_position}
         return cache.update(key_states, value_states, layer_idx, cache_kwargs)
     return cache.update(key_states, value_states, layer_idx)
+
+
+def cache_touch(cache, like, layer_idx: int, cos, sin, cache_position):
+    """Advance ``layer_idx``'s cache entry by ``like``'s T positions without storing its keys and
+    values (the layer is computed by another process). The entry gets a head dimension of one, so
+    its length - which transformers reads for positions and mask sizes - stays right at 1/D of a
+    real entry's memory (a zero-width entry would count as empty).
+
+    like: [B, nkv, T, D] (only its shape, dtype and device are used).
+    """
+    stub = like.new_zeros(*like.shape[:-1], 1)
+    cache_update(cache, stub, stub, layer_idx, cos, sin, cache_position)
 
 
 def layer_output(hidden_states):

@@ -17,7 +17,7 @@ from .families import FAMILIES, family_of_layer
 from .group import CQILGroup
 from .plan import CQILPlan
 
-__all__ = ["convert", "revert", "get_plan", "is_converted", "from_pretrained", "decoder_layers", "check_model", "CONFIG_KEY"]
+__all__ = ["convert", "revert", "get_plan", "is_converted", "from_pretrained", "decoder_layers", "check_model", "placement_of", "CONFIG_KEY"]
 
 #: key under which the plan is stored in ``model.config`` (and so in config.json)
 CONFIG_KEY = "cqil"
@@ -98,7 +98,7 @@ def get_plan(model) -> CQILPlan | None:
     groups, bypass = [], []
     for layer in decoder_layers(model):
         if isinstance(layer, _CQILLayer) and layer._cqil_leader:
-            groups.append(tuple(layer._cqil_group.indices))
+            groups.append(tuple(layer._cqil_group.group_indices))
             bypass.append(layer._cqil_group.bypass)
     stored = getattr(getattr(model, "config", None), CONFIG_KEY, None)
     if isinstance(stored, dict):
@@ -163,12 +163,35 @@ def check_model(model, require_loaded: bool = False):
     hidden_act = getattr(getattr(model, "config", None), "hidden_act", "silu")
     if hidden_act not in ("silu", "swish"):
         raise ValueError(f"hidden_act {hidden_act!r} is not supported: CQIL implements SiLU-gated MLPs")
-    if require_loaded and any(p.device.type == "meta" for p in model.parameters()):
-        raise ValueError("the model has parameters on the meta device (not loaded or offloaded); load the weights first")
+    if require_loaded:
+        placed = model.__dict__.get("_cqil_placement")
+        released = set(placed[2]) if placed is not None else set()  # held by other ranks: meta on purpose
+        skip = {id(p) for i in released for p in layers[i].parameters()}
+        if any(p.device.type == "meta" and id(p) not in skip for p in model.parameters()):
+            raise ValueError("the model has parameters on the meta device (not loaded or offloaded); load the weights first")
     return layers, family_of_layer(layers[0])
 
 
-def convert(model, plan: CQILPlan | dict | None = None, backend: str = "auto"):
+def _communicator(process_group, device):
+    """A Communicator from a torch process group, a ``distributed.DistContext`` or a Communicator."""
+    from .distributed import Communicator, DistContext
+
+    if isinstance(process_group, Communicator):
+        if process_group.device != device and not (device.type == process_group.device.type == "cuda"):
+            raise ValueError(f"the communicator serves {process_group.device}, the model is on {device}")
+        return process_group
+    if isinstance(process_group, DistContext):
+        return Communicator.from_context(process_group)
+    import torch.distributed as dist
+
+    if not isinstance(process_group, dist.ProcessGroup):
+        raise TypeError("process_group must be a torch.distributed ProcessGroup, a cqil_kernels.distributed."
+                        f"DistContext or a Communicator, got {type(process_group).__name__}")
+    return Communicator(process_group, device)
+
+
+def convert(model, plan: CQILPlan | dict | None = None, backend: str = "auto", process_group=None,
+            free_unheld: bool = True):
     """Convert ``model`` in place to run ``plan``'s groups; returns the model.
 
     Args:
@@ -176,10 +199,20 @@ def convert(model, plan: CQILPlan | dict | None = None, backend: str = "auto"):
         plan: the groups and bypass; None reads ``model.config.cqil`` (e.g. after from_pretrained).
         backend: "torch" (reference, any device), "triton" (fused kernels) or "auto" (Triton on
             CUDA when available, else torch).
+        process_group: split every group over the ranks of this ``torch.distributed`` process
+            group (or ``cqil_kernels.distributed.DistContext`` / ``Communicator``): on W ranks
+            (W must divide every group's size) rank r computes the contiguous block of P/W layers
+            ``[r*P/W, (r+1)*P/W)`` of each group and one all-reduce per group gives every rank the
+            same output; layers outside groups, embeddings, final norm and head are replicated.
+            A collective: every rank calls ``convert`` with the same model and plan (checked: a
+            mismatch raises on every rank). None: one process, every layer here.
+        free_unheld: with ``process_group``, release the weights of the layers other ranks hold
+            (they become meta tensors; ``revert`` is then refused: reload the model).
 
     Raises:
-        TypeError: unsupported model or plan type. ValueError: invalid plan for this model.
-        Nothing is changed when an error is raised.
+        TypeError: unsupported model or plan type. ValueError: invalid plan for this model (or
+        one the ranks cannot split). ``distributed.RankMismatchError``: ranks started with
+        different models or plans. Nothing is changed when an error is raised.
 
     Example:
         >>> plan = CQILPlan.contiguous(start=12, end=30, parallel=2)
@@ -196,26 +229,51 @@ def convert(model, plan: CQILPlan | dict | None = None, backend: str = "auto"):
         _check_group(model, layers, group)
     device = next(model.parameters()).device
     backend = resolve_backend(backend, device)
+    comm = placement = None
+    if process_group is not None:
+        from .distributed import check_consistent, fingerprint, place
+
+        comm = _communicator(process_group, device)
+        placement = place(plan, comm.world_size, len(layers))
+        # the ranks must run the same model and plan; a collective, before anything changes
+        fp = fingerprint(plan, getattr(model, "config", None), model.named_parameters(), comm.world_size,
+                         extra={"backend": backend})
+        check_consistent(fp, comm.group, comm.rank, comm.timeout_s)
 
     # ---- then change: build groups (they only reference the layers), swap classes
-    built = [
-        CQILGroup([layers[i] for i in group], group, plan.bypass, family, backend)
-        for group in plan.groups
-        if len(group) > 1  # a one-layer group is that layer, sequential
-    ]
-    for g in built:
-        for pos, layer in enumerate(g.layers):
+    built = []
+    for gi, group in enumerate(plan.groups):
+        if len(group) < 2:
+            continue  # a one-layer group is that layer, sequential
+        held = group if placement is None else placement.shard(gi, comm.rank)
+        built.append((group, CQILGroup([layers[i] for i in held], held, plan.bypass, family, backend,
+                                       group_indices=group, comm=comm)))
+    freed = []
+    for group, g in built:
+        for pos, i in enumerate(group):
+            layer = layers[i]
             layer.__class__ = _cqil_class(type(layer))
             # plain attributes, not submodules: the group must not add state-dict entries
             layer.__dict__["_cqil_group"] = g
             layer.__dict__["_cqil_leader"] = pos == 0
+            if free_unheld and i not in g.indices:
+                freed.append(i)
+    for i in freed:
+        layers[i].to_empty(device="meta")  # its weights live on another rank
     setattr(model.config, CONFIG_KEY, plan.to_dict())
     model._cqil_backend = backend
+    if placement is not None:
+        model.__dict__["_cqil_placement"] = (placement, comm.rank, tuple(freed))
     if backend == "triton" and device.type == "cuda":
         from .ops._common import reserve_tile_counters  # the serial split-K counters, before any capture
 
         reserve_tile_counters(device)
     return model
+
+
+def placement_of(model):
+    """``(Placement, rank, freed layer indices)`` of a model converted with a process group, or None."""
+    return model.__dict__.get("_cqil_placement")
 
 
 def revert(model):
@@ -224,6 +282,12 @@ def revert(model):
     Parameters are untouched (conversion never copied or re-pointed them).
     """
     layers = decoder_layers(model)
+    placed = placement_of(model)
+    if placed is not None and placed[2]:
+        raise ValueError(
+            f"this rank released the weights of layers {list(placed[2])} (held by other ranks): it cannot run "
+            "them sequentially; reload the model to get the sequential model back"
+        )
     for layer in layers:
         if isinstance(layer, _CQILLayer):
             base = layer._cqil_base_class
@@ -235,6 +299,7 @@ def revert(model):
         delattr(cfg, CONFIG_KEY)
     if "_cqil_backend" in model.__dict__:
         del model.__dict__["_cqil_backend"]
+    model.__dict__.pop("_cqil_placement", None)
     return model
 
 

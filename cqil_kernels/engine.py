@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .backends import get_ops, resolve_backend
-from .conversion import check_model, decoder_layers, get_plan, is_converted
+from .conversion import check_model, decoder_layers, get_plan, is_converted, placement_of
 from .group import CQILGroup
 
 __all__ = ["DecodeEngine", "generate"]
@@ -49,14 +49,23 @@ class DecodeEngine:
         max_batch_size: largest batch ``generate`` will see.
         max_length: KV-cache length S = prompt + new tokens, at most.
         backend: "auto" (Triton on CUDA), "triton" or "torch" for the GEMMs of every segment.
-        cuda_graph: capture the decode step (default: True on CUDA, False elsewhere).
+        cuda_graph: capture the decode step (default: True on CUDA, False elsewhere; with several
+            ranks only where the collectives can be captured, i.e. NCCL).
+        process_group: the process group the model was converted with
+            (``convert(model, plan, process_group=pg)``), to check it is the one intended; the
+            engine always runs the groups as converted (each rank its layers, one all-reduce per
+            group). Every rank must make the same engine calls in the same order.
+        overlap: split each batch into two micro-batches and run micro-batch A's reduction
+            asynchronously while B computes, and vice versa (several ranks, batch >= 2; off by
+            default: at batch 1 there is nothing to overlap).
 
     Example:
         >>> engine = DecodeEngine(model, max_batch_size=1, max_length=512)
         >>> out = engine.generate(input_ids, max_new_tokens=64)   # [B, T + 64]
     """
 
-    def __init__(self, model, max_batch_size: int = 1, max_length: int = 2048, backend: str = "auto", cuda_graph: bool | None = None):
+    def __init__(self, model, max_batch_size: int = 1, max_length: int = 2048, backend: str = "auto",
+                 cuda_graph: bool | None = None, process_group=None, overlap: bool = False):
         inner = getattr(model, "model", None)
         if inner is None or not hasattr(model, "lm_head"):
             raise TypeError(f"{type(model).__name__} is not a causal LM with model.model and lm_head")
@@ -64,9 +73,13 @@ class DecodeEngine:
         self.max_length = _int_arg(max_length, "max_length", 2)
         if cuda_graph is not None and not isinstance(cuda_graph, bool):
             raise TypeError(f"cuda_graph must be True, False or None, got {cuda_graph!r}")
+        if not isinstance(overlap, bool):
+            raise TypeError(f"overlap must be True or False, got {overlap!r}")
         layers, self.family = check_model(model, require_loaded=True)  # what convert refuses, refused here too
         self.model = model
         self.inner = inner
+        self.comm = self._model_communicator(process_group)
+        self.overlap = overlap
         cfg = model.config
         window = getattr(cfg, "sliding_window", None)
         uses_window = window is not None and (
@@ -85,14 +98,24 @@ class DecodeEngine:
             from .ops._common import reserve_tile_counters  # before any graph capture
 
             reserve_tile_counters(self.device)
-        self.cuda_graph = (self.device.type == "cuda") if cuda_graph is None else cuda_graph
+        capturable = self.comm is None or self.comm._uses_nccl  # gloo collectives run on the host
+        self.cuda_graph = (self.device.type == "cuda" and capturable) if cuda_graph is None else cuda_graph
         if self.cuda_graph and self.device.type != "cuda":
             raise ValueError("cuda_graph=True needs the model on a CUDA device")
+        if self.cuda_graph and not capturable:
+            raise ValueError(f"cuda_graph=True needs collectives a CUDA graph can capture (NCCL); this process "
+                             f"group uses {self.comm.backend}")
         attn0 = layers[0].self_attn
         self.num_layers = len(layers)
         self.head_dim = attn0.head_dim
         self.num_kv_heads = attn0.k_proj.out_features // self.head_dim
-        shape = (self.num_layers, self.max_batch_size, self.num_kv_heads, self.max_length, self.head_dim)
+        # a KV-cache slot for every layer this process computes (with several ranks: not the
+        # layers other ranks hold)
+        placed = placement_of(model)
+        released = set(placed[2]) if placed is not None else set()
+        held = [i for i in range(self.num_layers) if i not in released and not self._held_elsewhere(layers, i)]
+        self._slot_of = {layer: slot for slot, layer in enumerate(held)}
+        shape = (len(held), self.max_batch_size, self.num_kv_heads, self.max_length, self.head_dim)
         self.k_cache = torch.zeros(shape, device=self.device, dtype=self.dtype)
         self.v_cache = torch.zeros(shape, device=self.device, dtype=self.dtype)
         from .ops import decode_attention, decode_attention_reference
@@ -102,11 +125,33 @@ class DecodeEngine:
         self.ops = get_ops(self.backend)
         self._build_segments()
         self._build_rope_tables()
+        if self.comm is not None and self.device.type == "cuda":
+            # symmetric-memory buffers for the group reductions, allocated before any capture
+            self.comm.prepare(self.max_batch_size * inner.embed_tokens.embedding_dim, self.dtype)
         self._graphs: dict[int, tuple] = {}
         self._graph_weights = None  # fingerprint of the weights the captured graphs read
         self._pool = None
 
     # ------------------------------------------------------------------ structure
+    def _model_communicator(self, process_group):
+        """The communicator of the model's split groups (None: one process)."""
+        comms = {id(g.comm): g.comm for layer in decoder_layers(self.model)
+                 for g in [getattr(layer, "_cqil_group", None)] if g is not None and g.comm is not None}
+        comm = next(iter(comms.values()), None)
+        if process_group is not None:
+            group = getattr(process_group, "group", process_group)
+            if comm is None:
+                raise ValueError("process_group was given but the model's groups are not split over ranks: "
+                                 "convert it with cqil_kernels.convert(model, plan, process_group=pg) first")
+            if comm.group is not group:
+                raise ValueError("the model was converted with another process group than the one given")
+        return comm
+
+    @staticmethod
+    def _held_elsewhere(layers, i: int) -> bool:
+        g = getattr(layers[i], "_cqil_group", None)
+        return g is not None and i not in g.indices
+
     def _plan_key(self):
         plan = get_plan(self.model) if is_converted(self.model) else None
         return None if plan is None else plan.to_json()
@@ -119,7 +164,7 @@ class DecodeEngine:
             group = getattr(layers[i], "_cqil_group", None)
             if group is not None:
                 segments.append(group)
-                i += group.size
+                i += group.group_size
             else:
                 segments.append(CQILGroup([layers[i]], (i,), 0, self.family, self.backend))
                 i += 1
@@ -184,12 +229,14 @@ class DecodeEngine:
             self._graphs.clear()
 
     # ------------------------------------------------------------------ cache writes
-    def _write_cache(self, g: CQILGroup, k, v, B, slot_index):
-        """k/v [B, P*nkv, T, D] into each of g's layers' cache slot(s) ``slot_index`` (long [T])."""
+    def _write_cache(self, g: CQILGroup, k, v, rows: slice, slot_index):
+        """k/v [B, P*nkv, T, D] into each of g's layers' cache slot(s) ``slot_index`` (long [T]),
+        batch rows ``rows``."""
         nkv = self.num_kv_heads
         for j, layer in enumerate(g.indices):
-            self.k_cache[layer, :B].index_copy_(2, slot_index, k[:, j * nkv : (j + 1) * nkv])
-            self.v_cache[layer, :B].index_copy_(2, slot_index, v[:, j * nkv : (j + 1) * nkv])
+            c = self._slot_of[layer]
+            self.k_cache[c, rows].index_copy_(2, slot_index, k[:, j * nkv : (j + 1) * nkv])
+            self.v_cache[c, rows].index_copy_(2, slot_index, v[:, j * nkv : (j + 1) * nkv])
 
     # ------------------------------------------------------------------ prefill
     @torch.inference_mode()
@@ -206,11 +253,12 @@ class DecodeEngine:
         mask = causal[None] & keep[:, None, :]
         # a padding query sees no key: let it see itself so SDPA gives no NaN (its output is unused)
         mask = (mask | torch.eye(T, dtype=torch.bool, device=self.device)[None])[:, None]
-        attend = _PrefillAttention(self, B, T, cos, sin, mask, torch.arange(T, device=self.device))
-        h = x.reshape(B * T, -1)
-        for g, w in zip(self.segments, self._weights):
-            h = g.mlp_stage(h, attend(g, h, w, self.ops), w, self.ops)
-        last = h.view(B, T, -1)[:, -1]
+        slots = torch.arange(T, device=self.device)
+        parts = self._micro_batches(B)
+        attends = [_PrefillAttention(self, rows, T, cos[rows], sin[rows], mask[rows], slots) for rows in parts]
+        hs = [x[rows].reshape(-1, x.shape[-1]) for rows in parts]
+        hs = self._run_segments(hs, attends)
+        last = torch.cat([h.view(-1, T, h.shape[-1])[:, -1] for h in hs])
         state = self._state(B)
         state["kv_mask"].zero_()
         state["kv_mask"][:, :T] = keep
@@ -234,12 +282,13 @@ class DecodeEngine:
             }
         return st[B]
 
-    def _cached_attention(self, g: CQILGroup, q, B: int, kv_mask):
-        """q [B, P*nh, D] against g's layers' cache slices -> [P, B, nh*D] (a strided view)."""
-        keys = [self.k_cache[i, :B] for i in g.indices]
-        values = [self.v_cache[i, :B] for i in g.indices]
+    def _cached_attention(self, g: CQILGroup, q, rows: slice, kv_mask):
+        """q [B, P*nh, D] against g's layers' cache slices (batch rows ``rows``) -> [P, B, nh*D]
+        (a strided view)."""
+        keys = [self.k_cache[self._slot_of[i], rows] for i in g.indices]
+        values = [self.v_cache[self._slot_of[i], rows] for i in g.indices]
         out = self._decode_attention(q, keys, values, kv_mask, self.max_length, g.layers[0].self_attn.scaling)
-        return out.view(B, g.size, -1).transpose(0, 1)
+        return out.view(q.shape[0], g.size, -1).transpose(0, 1)
 
     def _decode_step(self, B: int) -> torch.Tensor:
         """One token per sequence from the fixed buffers; advances them. Returns logits [B, V] fp32."""
@@ -247,14 +296,47 @@ class DecodeEngine:
         st["kv_mask"].index_fill_(1, st["slot"], True)  # the new token attends to itself
         x = self.inner.embed_tokens(st["tok"])
         cos, sin = self._rotary(x, st["pos"])
-        attend = _DecodeAttention(self, B, cos, sin, st)
-        h = x.reshape(B, -1)
-        for g, w in zip(self.segments, self._weights):
-            h = g.mlp_stage(h, attend(g, h, w, self.ops), w, self.ops)
-        logits = self._logits(h)
+        parts = self._micro_batches(B)
+        attends = [_DecodeAttention(self, rows, cos[rows], sin[rows], st) for rows in parts]
+        hs = self._run_segments([x[rows].reshape(-1, x.shape[-1]) for rows in parts], attends)
+        logits = self._logits(hs[0] if len(hs) == 1 else torch.cat(hs))
         st["pos"].add_(1)
         st["slot"].add_(1)
         return logits
+
+    # ------------------------------------------------------------------ schedules
+    def _micro_batches(self, B: int) -> list[slice]:
+        """Batch rows of each micro-batch: two halves with ``overlap`` (several ranks, B >= 2)."""
+        if self.overlap and self.comm is not None and B >= 2:
+            return [slice(0, B // 2), slice(B // 2, B)]
+        return [slice(0, B)]
+
+    def _run_segments(self, hs: list, attends: list) -> list:
+        """Every segment on each micro-batch's rows hs[i] [M_i, H]; returns the outputs.
+
+        One micro-batch: each segment in turn (a split group reduces synchronously). Two: micro-
+        batch A's group reduction is issued asynchronously and waited for only when A reaches
+        the next segment, so it runs while B's attention and MLP compute (and vice versa); on
+        CUDA the communicator's handles order the streams with events, and every kernel - cache
+        writes and split-K counters included - stays on the compute stream.
+        """
+        ops = self.ops
+        if len(hs) == 1:
+            h = hs[0]
+            for g, w in zip(self.segments, self._weights):
+                h = g.mlp_stage(h, attends[0](g, h, w, ops), w, ops)
+            return [h]
+        pending = [None] * len(hs)
+        for g, w in zip(self.segments, self._weights):
+            for i, attend in enumerate(attends):
+                if pending[i] is not None:
+                    hs[i], pending[i] = pending[i].wait(), None
+                out = g.mlp_stage(hs[i], attend(g, hs[i], w, ops), w, ops, reduce=False)
+                if g.split:
+                    pending[i] = g.comm.all_reduce_async_(out)
+                else:
+                    hs[i] = out
+        return [p.wait() if p is not None else h for p, h in zip(pending, hs)]
 
     def _graph_step(self, B: int):
         """Replay the captured step for batch B, capturing it on first use (that call runs eagerly)."""
@@ -314,6 +396,9 @@ class DecodeEngine:
     ) -> torch.Tensor:
         """Greedy or sampled generation; returns [B, T + new] like ``model.generate`` (left padding).
 
+        With several ranks every rank must call it with the same inputs; sampled tokens are rank
+        0's, broadcast (greedy tokens agree by themselves: the ranks' logits are bitwise equal).
+
         As in transformers: ``eos_token_id`` / ``pad_token_id`` default to the model's
         ``generation_config``; a sequence that produced an EOS is continued with the pad token, and
         generation stops once every sequence has (the result is then shorter than
@@ -336,6 +421,8 @@ class DecodeEngine:
         out = [input_ids]
         for i in range(max_new_tokens):
             nxt = self._choose(logits, do_sample, temperature, top_k, generator)
+            if do_sample and self.comm is not None:
+                self.comm.broadcast_(nxt, src=0)  # every rank continues with rank 0's sample
             if eos is not None:
                 nxt = torch.where(finished, torch.full_like(nxt, pad_token_id), nxt)
                 finished |= torch.isin(nxt, eos)
@@ -395,44 +482,50 @@ class DecodeEngine:
 
 
 class _PrefillAttention:
-    """Attention stage of the prompt: q/k/v (staged), RoPE, static-cache write, SDPA over the
-    group's P*nh heads, o_proj."""
+    """Attention stage of the prompt (batch rows ``rows``): q/k/v (staged), RoPE, static-cache
+    write, SDPA over the group's P*nh heads, o_proj."""
 
-    def __init__(self, engine: DecodeEngine, B, T, cos, sin, mask, slots):
-        self.e, self.B, self.T, self.cos, self.sin, self.mask, self.slots = engine, B, T, cos, sin, mask, slots
+    def __init__(self, engine: DecodeEngine, rows: slice, T, cos, sin, mask, slots):
+        self.e, self.rows, self.T, self.cos, self.sin, self.mask, self.slots = engine, rows, T, cos, sin, mask, slots
 
     def __call__(self, g: CQILGroup, x, weights, ops):
-        B, T = self.B, self.T
+        T = self.T
+        B = x.shape[0] // T
         q, k, v = g.project_qkv(x, weights, ops)
         q, k, v = g.heads_first(q, k, v, B, T)
         q, k = g.rotary(q, k, self.cos, self.sin)
-        self.e._write_cache(g, k, v, B, self.slots)
+        self.e._write_cache(g, k, v, self.rows, self.slots)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, scale=g.layers[0].self_attn.scaling,
                                              enable_gqa=True)
         return g.o_proj(out.transpose(1, 2).reshape(B * T, g.size, -1).transpose(0, 1), weights, ops)
 
 
 class _DecodeAttention:
-    """Attention stage of one decode step. Fast path per segment: QKV GEMM + RoPE + cache write
-    (2 kernels), one split-KV attention over the P*nh heads, o_proj. Needs the fused weights and a
-    full-width rotary table; anything else takes the staged path (same cache, same attention)."""
+    """Attention stage of one decode step (batch rows ``rows``). Fast path per segment: QKV GEMM
+    + RoPE + cache write (2 kernels), one split-KV attention over the P*nh heads, o_proj. Needs the
+    fused weights and a full-width rotary table; anything else takes the staged path (same
+    cache, same attention)."""
 
-    def __init__(self, engine: DecodeEngine, B, cos, sin, state):
-        self.e, self.B, self.cos, self.sin, self.st = engine, B, cos, sin, state
+    def __init__(self, engine: DecodeEngine, rows: slice, cos, sin, state):
+        self.e, self.rows, self.cos, self.sin, self.st = engine, rows, cos, sin, state
+        B = cos.shape[0]
         self.cos2d, self.sin2d = cos.reshape(B, -1), sin.reshape(B, -1)
         self.full_rotary = self.cos2d.shape[-1] == engine.head_dim
+        self.kv_mask = state["kv_mask"][rows]
 
     def __call__(self, g: CQILGroup, x, weights, ops):
-        e, B, st = self.e, self.B, self.st
+        e, rows, st = self.e, self.rows, self.st
+        B = x.shape[0]
         if weights is not None and self.full_rotary:
-            q = g.qkv_rope_cache(x, weights, ops, self.cos2d, self.sin2d, e.k_cache, e.v_cache, st["slot"], 1)
+            q = g.qkv_rope_cache(x, weights, ops, self.cos2d, self.sin2d, e.k_cache[:, rows], e.v_cache[:, rows],
+                                 st["slot"], 1, cache_layer0=e._slot_of[g.indices[0]])
         else:
             q, k, v = g.project_qkv(x, weights, ops)
             q, k, v = g.heads_first(q, k, v, B, 1)
             q, k = g.rotary(q, k, self.cos, self.sin)
-            e._write_cache(g, k, v, B, st["slot"])
+            e._write_cache(g, k, v, rows, st["slot"])
             q = q[:, :, 0]
-        return g.o_proj(e._cached_attention(g, q, B, st["kv_mask"]), weights, ops)
+        return g.o_proj(e._cached_attention(g, q, rows, self.kv_mask), weights, ops)
 
 
 class _EngineSlot:

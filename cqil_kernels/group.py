@@ -19,6 +19,13 @@ prefill and decode steps):
    and one down-projection GEMM over the K-concatenation of the layers, whose K reduction is the
    sum over layers, with the residual and the attention outputs added in its epilogue.
 
+Several processes can share a group (``cqil_kernels.distributed``): each holds a contiguous block
+of its layers, computes their attention outputs and MLPs, and one all-reduce of the partial sums
+gives every rank the same ``h_out`` (the residual is added on the rank holding the group's first
+layer only). With a bypass, the ranks first all-gather the group's attention outputs, so a layer
+also gets those of earlier layers held elsewhere. One process holding every layer is the
+single-device case of the same code.
+
 Two ways to run the projections, same math:
 - fused: the grouped kernels of a backend's op set read each layer's own weight tensors (lists,
   see ``weights.py``): nothing is stacked, copied or aliased;
@@ -36,7 +43,7 @@ from . import compat
 from .families import Family, sliding_window_of
 from .weights import LayerWeights, gather_weights
 
-__all__ = ["CQILGroup"]
+__all__ = ["CQILGroup", "CQILDecoderGroup"]
 
 
 def _rotary_fn(layer):
@@ -63,26 +70,43 @@ def _attention_fn(attn):
 
 
 class CQILGroup:
-    """A group of P consecutive decoder layers of one model (not an nn.Module on purpose:
-    registering it would add state-dict keys and move the layers under a new parent).
+    """A group of P consecutive decoder layers of one model, or this process's share of one (not
+    an nn.Module on purpose: registering it would add state-dict keys and move the layers under a
+    new parent; ``CQILDecoderGroup`` is the module form).
 
     Holds references to the layers only (no tensors of its own), so it survives ``model.to()``,
-    ``load_state_dict(assign=True)``, ``copy.deepcopy`` and pickling unchanged.
+    ``load_state_dict(assign=True)``, ``copy.deepcopy`` and pickling unchanged (a split group's
+    communicator is the exception: it holds a process group).
 
     Args:
-        layers: the P decoder layer modules, in order.
+        layers: the decoder layer modules this process computes, in order (all P of the group, or
+            a contiguous block of them).
         indices: their indices in ``model.model.layers``.
         bypass: the distance d, 0 <= d <= P-1.
         family: the model family row from ``families.FAMILIES``.
         backend: "torch" or "triton": which op set the fused path uses.
+        group_indices: the whole group's layer indices (default: ``indices``: this process holds
+            every layer).
+        comm: a ``cqil_kernels.distributed.Communicator`` over the ranks sharing the group (None:
+            one process).
     """
 
-    def __init__(self, layers, indices, bypass: int, family: Family, backend: str):
+    def __init__(self, layers, indices, bypass: int, family: Family, backend: str, group_indices=None, comm=None):
         self.layers = list(layers)
         self.indices = tuple(indices)
+        self.group_indices = tuple(indices if group_indices is None else group_indices)
+        if not self.layers or len(self.layers) != len(self.indices):
+            raise ValueError(f"need one layer per index, got {len(self.layers)} layers for indices {self.indices}")
+        if not set(self.indices) <= set(self.group_indices):
+            raise ValueError(f"held layers {self.indices} are not part of the group {self.group_indices}")
+        # position of the first held layer inside the group
+        self.first = self.group_indices.index(self.indices[0])
+        if self.group_indices[self.first:self.first + len(self.indices)] != self.indices:
+            raise ValueError(f"held layers {self.indices} are not a contiguous block of the group {self.group_indices}")
         self.bypass = int(bypass)
         self.family = family
         self.backend = backend
+        self.comm = comm if comm is not None and not comm.trivial else None
         attn0 = self.layers[0].self_attn
         self.head_dim = attn0.head_dim
         self.num_heads = attn0.q_proj.out_features // self.head_dim
@@ -91,7 +115,22 @@ class CQILGroup:
 
     @property
     def size(self) -> int:
+        """Layers this process computes (the group's P when it holds all of them)."""
         return len(self.layers)
+
+    @property
+    def group_size(self) -> int:
+        return len(self.group_indices)
+
+    @property
+    def split(self) -> bool:
+        """Several processes share the group (its reduction is a collective)."""
+        return self.comm is not None
+
+    @property
+    def adds_residual(self) -> bool:
+        """This process adds the group input to the partial sum (once over all ranks)."""
+        return self.first == 0
 
     # ------------------------------------------------------------------ path choice
     def fused_weights(self) -> tuple[LayerWeights | None, str | None]:
@@ -128,9 +167,9 @@ class CQILGroup:
     # ------------------------------------------------------------------ the stages
     def run(self, x: torch.Tensor, attend, ops=None) -> torch.Tensor:
         """The group on x [M, H] -> h_out [M, H]: ``attend(group, x, weights, ops)`` gives the
-        attention outputs [P, M, H] (after o_proj; ``weights`` is None on the modules path), then
-        :meth:`mlp_stage`. ``ops``: the op set of the fused path (default: this group's backend;
-        the decode engine passes its own)."""
+        attention outputs [P, M, H] of the layers this process holds (after o_proj; ``weights`` is
+        None on the modules path), then :meth:`mlp_stage`. ``ops``: the op set of the fused path
+        (default: this group's backend; the decode engine passes its own)."""
         ops = ops or self.ops()
         weights, _ = self.fused_weights()
         a = attend(self, x, weights, ops)
@@ -190,25 +229,40 @@ class CQILGroup:
             return ops.batched_gemm(attn_heads, weights.o, None)
         return torch.stack([layer.self_attn.o_proj(attn_heads[j]) for j, layer in enumerate(self.layers)])
 
-    def mlp_stage(self, x: torch.Tensor, a: torch.Tensor, weights: LayerWeights | None, ops) -> torch.Tensor:
-        """x [M, H] and attention outputs a [P, M, H] -> group output [M, H].
+    def mlp_stage(self, x: torch.Tensor, a: torch.Tensor, weights: LayerWeights | None, ops, reduce: bool = True):
+        """x [M, H] and this process's attention outputs a [P, M, H] -> group output [M, H].
 
         Steps 6-7: the bypass (layer j's MLP input also gets the d attention outputs before it),
         per-layer post-norm + gate/up with SiLU*up fused, and one down-projection GEMM over the
         K-concatenation whose K reduction is the sum over layers, with the residual and the
-        attention outputs added in its epilogue.
+        attention outputs added in its epilogue. A split group all-gathers ``a`` first when the
+        bypass needs other ranks' outputs, and all-reduces the partial sums at the end; with
+        ``reduce=False`` it returns its partial sum instead (the caller reduces it, e.g.
+        asynchronously to overlap with other work).
         """
+        a_in, context = a, 0
+        if self.split and self.bypass > 0:
+            # every rank of the group takes this branch (same plan), so the collective matches
+            a_all = self.comm.all_gather(a)  # [P, M, H], layer order
+            lo = max(0, self.first - self.bypass)
+            a_in, context = a_all[lo:self.first + self.size], self.first - lo
+        residual = x if self.adds_residual else None
+        # entry e of a_in gets min(d, e) bypass terms: a distance past the last entry adds none
+        bypass = min(self.bypass, a_in.shape[0] - 1)
         if weights is not None:
             # gate_up_silu forms u_j = x + a_j + a_{j-1} .. a_{j-d} itself (no elementwise kernels)
-            m = ops.gate_up_silu(a, weights.post_norm, weights.gate, weights.up, self._eps("post_attention_layernorm"),
-                                 x, self.bypass)
-            return ops.down_sum(m, weights.down, x, a)
-        from .ops.gate_up import mlp_inputs_reference  # lazy: importing the ops imports Triton
+            m = ops.gate_up_silu(a_in, weights.post_norm, weights.gate, weights.up, self._eps("post_attention_layernorm"),
+                                 x, bypass, context)
+            out = ops.down_sum(m, weights.down, residual, a)
+        else:
+            from .ops.gate_up import mlp_inputs_reference  # lazy: importing the ops imports Triton
 
-        u = mlp_inputs_reference(x, a, self.bypass)
-        out = x + a.sum(0)
-        for j, layer in enumerate(self.layers):
-            out = out + layer.mlp(layer.post_attention_layernorm(u[j]))
+            u = mlp_inputs_reference(x, a_in, bypass, context)
+            out = a.sum(0) if residual is None else residual + a.sum(0)
+            for j, layer in enumerate(self.layers):
+                out = out + layer.mlp(layer.post_attention_layernorm(u[j]))
+        if self.split and reduce:
+            self.comm.all_reduce_(out)
         return out
 
     # ------------------------------------------------------------------ pieces
@@ -251,6 +305,11 @@ class _HFAttention:
                                              self.cache_position)
             keys.append(kj)
             values.append(vj)
+        if self.cache is not None and g.split:
+            # layers of the group held by other ranks: keep the cache's per-layer lengths right
+            for idx in g.group_indices:
+                if idx not in g.indices:
+                    compat.cache_touch(self.cache, k[:, :nkv], idx, self.cos, self.sin, self.cache_position)
         attn0 = g.layers[0].self_attn
         window = sliding_window_of(g.family, attn0)
         out = None
@@ -292,4 +351,90 @@ class _ModuleAttention:
         for layer in g.layers:
             a, _ = layer.self_attn(hidden_states=layer.input_layernorm(h), **self.call_kwargs)
             outs.append(a.reshape(B * T, -1))
+        cache = self.call_kwargs.get(compat.cache_kwarg_name())
+        if cache is not None and g.split:
+            like = h.new_zeros(B, g.num_kv_heads, T, g.head_dim)
+            for idx in g.group_indices:
+                if idx not in g.indices:
+                    compat.cache_touch(cache, like, idx, None, None, self.call_kwargs.get("cache_position"))
         return torch.stack(outs)
+
+
+class CQILDecoderGroup(torch.nn.Module):
+    """P adjacent decoder layers computed from one shared input, as a module for model code.
+
+    ``convert`` uses the same group code on a model's own layer list; this module is the form
+    to build a model with directly: it registers the layers it computes as ``self.layers`` and
+    its forward replaces their P sequential calls.
+
+    Args:
+        layers: the group's P transformers decoder layers (Llama/Mistral/Qwen2/Qwen3), in order;
+            their ``self_attn.layer_idx`` (their cache slots) must be consecutive.
+        bypass: the distance d, 0 <= d <= P-1.
+        process_group: split the group over this ``torch.distributed`` process group (or
+            ``cqil_kernels.distributed.DistContext`` / ``Communicator``): on W ranks (W divides P)
+            rank r computes layers ``[r*P/W, (r+1)*P/W)``, the other layers' weights are released
+            (meta), and one all-reduce gives every rank the same output. None: one process.
+        backend: "auto", "torch" or "triton" (as in ``convert``).
+
+    Forward: hidden_states [B, T, H], position_embeddings (cos, sin) [B, T, D] from the model's
+    rotary module, attention_mask (transformers' mask for these layers), past_key_values (a
+    transformers cache, updated once per layer) -> [B, T, H] =
+    ``h + sum_j (a_j + m_j)`` (design.md section 1).
+
+    Example:
+        >>> group = CQILDecoderGroup(model.model.layers[12:14], bypass=1)
+        >>> h = group(h, position_embeddings=(cos, sin), attention_mask=mask, past_key_values=cache)
+    """
+
+    def __init__(self, layers, bypass: int = 0, process_group=None, backend: str = "auto"):
+        super().__init__()
+        from .backends import resolve_backend
+        from .families import family_of_layer
+
+        layers = list(layers)
+        if not layers:
+            raise ValueError("a group needs at least one decoder layer")
+        family = family_of_layer(layers[0])
+        if any(family_of_layer(layer) is not family for layer in layers):
+            raise TypeError("the layers of a group must be of one decoder layer class")
+        indices = tuple(int(layer.self_attn.layer_idx) for layer in layers)
+        if any(b != a + 1 for a, b in zip(indices, indices[1:])):
+            raise ValueError(f"the layers' indices {list(indices)} are not consecutive")
+        if isinstance(bypass, bool) or not isinstance(bypass, int) or not 0 <= bypass <= max(len(layers) - 1, 0):
+            raise ValueError(f"bypass must be an int in [0, {len(layers) - 1}], got {bypass!r}")
+        hidden_act = getattr(layers[0].self_attn.config, "hidden_act", "silu")
+        if hidden_act not in ("silu", "swish"):
+            raise ValueError(f"hidden_act {hidden_act!r} is not supported: CQIL implements SiLU-gated MLPs")
+        devices = {p.device for layer in layers for p in layer.parameters()}
+        if len(devices) != 1 or next(iter(devices)).type == "meta":
+            raise ValueError(f"the group's weights must be loaded on one device, got {sorted(map(str, devices))}")
+        device = next(iter(devices))
+        backend = resolve_backend(backend, device)
+        held, comm = list(range(len(layers))), None
+        if process_group is not None:
+            from .conversion import _communicator
+
+            comm = _communicator(process_group, device)
+            W = comm.world_size
+            if len(layers) % W:
+                raise ValueError(f"a group of {len(layers)} layers cannot be split over {W} ranks (W must divide P)")
+            per = len(layers) // W
+            held = list(range(comm.rank * per, (comm.rank + 1) * per))
+        self.layers = torch.nn.ModuleList([layers[j] for j in held])
+        for j, layer in enumerate(layers):
+            if j not in held:
+                layer.to_empty(device="meta")  # computed by another rank
+        self.__dict__["_group"] = CQILGroup([layers[j] for j in held], [indices[j] for j in held], bypass, family,
+                                            backend, group_indices=indices, comm=comm)
+
+    @property
+    def group(self) -> CQILGroup:
+        return self.__dict__["_group"]
+
+    def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None,
+                past_key_values=None, **kwargs) -> torch.Tensor:
+        if past_key_values is not None:
+            kwargs[compat.cache_kwarg_name()] = past_key_values
+        return self.group.forward(hidden_states, attention_mask=attention_mask,
+                                  position_embeddings=position_embeddings, **kwargs)
