@@ -71,10 +71,6 @@ class DecodeEngine:
         p = next(model.parameters())
         self.device, self.dtype = p.device, inner.embed_tokens.weight.dtype
         self.backend = resolve_backend(backend, self.device)
-        if self.backend == "triton" and self.device.type == "cuda":
-            from .ops._common import reserve_tile_counters  # before any graph capture
-
-            reserve_tile_counters(self.device)
         self.cuda_graph = (self.device.type == "cuda") if cuda_graph is None else bool(cuda_graph)
         if self.cuda_graph and self.device.type != "cuda":
             raise ValueError("cuda_graph=True needs the model on a CUDA device")
@@ -85,6 +81,12 @@ class DecodeEngine:
         self.head_dim = attn0.head_dim
         self.num_kv_heads = attn0.k_proj.out_features // self.head_dim
         shape = (self.num_layers, self.max_batch_size, self.num_kv_heads, self.max_length, self.head_dim)
+        if self.backend == "triton":
+            from .ops._common import reserve_tile_counters  # before any graph capture
+
+            # the most split-K counters a step can need: a split decode attention over a group of
+            # every layer at the largest batch (the GEMMs' splits need fewer, see _common)
+            reserve_tile_counters(self.device, self.max_batch_size * self.num_layers * self.num_kv_heads)
         self.k_cache = torch.zeros(shape, device=self.device, dtype=self.dtype)
         self.v_cache = torch.zeros(shape, device=self.device, dtype=self.dtype)
         from .ops import decode_attention, decode_attention_reference
