@@ -11,7 +11,8 @@ layer run by the same kernels (P = 1), so "no groups" and "P2" use identical cod
 The KV cache is one buffer per K and V, ``[L, B, nkv, S, D]``: the P layers of a group are views at
 a constant stride, so the split-KV decode kernel reads them without a copy. Decode attends with a
 fixed ``kv_len = S`` and a ``[B, S]`` keep-mask (left padding, unused slots), so the captured graph
-stays valid for every step. Prefill runs eagerly with SDPA over the group's P*nh heads.
+stays valid for every step; the write slot, read on the device, bounds the slots it reads (so a
+step costs the live length, not S). Prefill runs eagerly with SDPA over the group's P*nh heads.
 
 Semantics match transformers' ``generate`` for the same model (greedy: the same tokens up to
 floating-point ties); positions follow transformers (``cumsum(mask) - 1``, padding at 0).
@@ -240,7 +241,8 @@ class DecodeEngine:
             """q [B, P*nh, D] against the group's cache slices -> [P, B, nh*D] (a strided view)."""
             keys = [self.k_cache[i, :B] for i in g.indices]
             values = [self.v_cache[i, :B] for i in g.indices]
-            out = self._decode_attention(q, keys, values, kv_mask, S, g.layers[0].self_attn.scaling)
+            # S sizes the launch (static for the graph); slot, on the device, bounds the reads
+            out = self._decode_attention(q, keys, values, kv_mask, S, g.layers[0].self_attn.scaling, slot)
             return out.view(B, g.size, -1).transpose(0, 1)
 
         def attend(g, q, k, v):

@@ -146,12 +146,13 @@ def test_serial_split_k_is_deterministic_on_gpu(cuda_device, op):
     assert not _common.tile_counters(first, 1).any()
 
 
-@pytest.mark.parametrize("B,P,NH,NKV,D,S,L,holes,num_splits", [
-    (2, 2, 4, 2, 16, 200, 170, True, 4),
-    (1, 3, 6, 3, 8, 100, 100, False, 3),
-    (3, 1, 2, 2, 24, 90, 40, True, 5),   # more splits asked than KV blocks: capped
+@pytest.mark.parametrize("B,P,NH,NKV,D,S,L,holes,num_splits,live", [
+    (2, 2, 4, 2, 16, 200, 170, True, 4, None),
+    (1, 3, 6, 3, 8, 100, 100, False, 3, None),
+    (3, 1, 2, 2, 24, 90, 40, True, 5, None),   # more splits asked than KV blocks: capped
+    (2, 2, 4, 2, 16, 200, 200, True, 5, 50),   # live length on the device: 3 of 5 splits empty
 ])
-def test_decode_attention_serial_and_kernel_combine_agree(device, monkeypatch, B, P, NH, NKV, D, S, L, holes, num_splits):
+def test_decode_attention_serial_and_kernel_combine_agree(device, monkeypatch, B, P, NH, NKV, D, S, L, holes, num_splits, live):
     from cqil_kernels.ops import _common
     from cqil_kernels.ops.decode_attention import decode_attention_triton
     from test_ops_decode_attention import _inputs
@@ -161,7 +162,8 @@ def test_decode_attention_serial_and_kernel_combine_agree(device, monkeypatch, B
     for mode in ("kernel", "serial"):
         monkeypatch.setattr(_common, "SPLITK_MODE", mode)
         with LaunchCounter() as c:
-            outs[mode] = decode_attention_triton(q, ks, vs, mask, L, D ** -0.5, num_splits=num_splits)
+            last = None if live is None else torch.tensor([live - 1], device=device)
+            outs[mode] = decode_attention_triton(q, ks, vs, mask, L, D ** -0.5, last, num_splits=num_splits)
         launches[mode] = c.triton_launches()
     assert launches == {"kernel": 2, "serial": 1}
     assert not torch.isnan(outs["serial"]).any()

@@ -1,0 +1,159 @@
+"""fp32 numerics of the compiled kernels: which instructions are approximate on sm_90, and that the
+fp32 error budgets hold with them.
+
+On sm_90 Triton compiles ``tl.exp2``/``tl.exp`` to ex2.approx, ``tl.sqrt`` to sqrt.approx and
+fp32 ``/`` to div.full (about 2 ulps, not IEEE); ``tl.sqrt_rn``/``tl.div_rn`` are the IEEE forms
+(sqrt.rn, div.rn). The interpreter computes all of them exactly, so a CPU run cannot see the
+difference. Two checks without a GPU:
+
+- the sm_90 PTX of each kernel contains no approximate division or square root (only ex2.approx
+  may remain): compiled here, read, asserted;
+- the fp32 kernel tests' error budget (2x torch's error + 4 ulps) still holds when every result
+  of exp2/exp is perturbed by 2 ulps in the interpreter (the approximation kept in the kernels).
+  With the divisions perturbed too, gate_up_silu and decode_attention cases fail that budget
+  (measured, benchmarks/NOTES.md "Numerics on the GPU"): hence the precise forms.
+"""
+
+import contextlib
+import os
+import re
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from ops_testing import assert_error_budget, hi_dtype, norm_weight, randn, upcast
+
+pytestmark = [pytest.mark.interpreter]
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+
+APPROX = re.compile(r"\b(div\.full|div\.approx|sqrt\.approx|rsqrt\.approx|rcp\.approx)\.\S*")
+
+
+def _sm90_ptx(record):
+    """Record the ops' launches dry at real shapes (GPU launch decisions), compile for sm_90."""
+    from gpu_compile import LaunchRecorder
+    from sm90_resources import as_on_gpu, compile_records
+
+    with as_on_gpu(), LaunchRecorder(dry=True) as rec:
+        record()
+    records = [dict(r, keep_ptx=True) for r in rec.unique()]
+    return {r["name"].split("[")[0] + ("" if r["ok"] else " (error)"): r for r in compile_records(records, 90, False)}
+
+
+def _record_owned_kernels():
+    """decode attention (serial split, kernel-mode split + combine) and the split-K reduction
+    with every epilogue (norm, GLU, residual + attention)."""
+    from cqil_kernels.ops import _common
+    from cqil_kernels.ops.decode_attention import decode_attention_triton
+    from cqil_kernels.ops.down_sum import down_sum_triton
+    from cqil_kernels.ops.gate_up import gate_up_silu_triton
+    from cqil_kernels.ops.qkv_gemm import qkv_gemm_triton
+
+    bf = torch.bfloat16
+    e = lambda *s: torch.empty(*s, dtype=bf)  # noqa: E731
+    kb = e(2, 1, 3, 2112, 64)
+    for mode in ("serial", "kernel"):
+        _common.SPLITK_MODE = mode
+        decode_attention_triton(e(1, 18, 64), list(kb.unbind(0)), list(kb.unbind(0)), torch.ones(1, 2112, dtype=torch.bool),
+                                2112, 0.125, torch.tensor([300]))
+    x, g = e(1, 576), e(2, 576)
+    qkv_gemm_triton(x, g[:1], e(49152, 576), None, 1e-6, split_k=4)
+    gate_up_silu_triton(e(2, 1, 576), g, e(2, 3072, 576), 1e-6, x, 0, split_k=4)
+    down_sum_triton(e(2, 1, 1536), e(2, 576, 1536), x, e(2, 1, 576), split_k=4)
+
+
+@pytest.mark.slow
+def test_owned_kernels_have_no_approximate_division_or_sqrt_on_sm90(device, monkeypatch):
+    pytest.importorskip("triton")
+    if device != "cpu":
+        pytest.skip("compiles through the interpreter's launch records")
+    from cqil_kernels.ops import _common
+
+    monkeypatch.setattr(_common, "SPLITK_MODE", _common.SPLITK_MODE)
+    results = _sm90_ptx(_record_owned_kernels)
+    for name in ("_decode_attn_kernel", "_decode_combine_kernel", "_splitk_reduce_kernel"):
+        assert name in results, sorted(results)
+    for name, r in results.items():
+        if name.startswith(("_decode", "_splitk_reduce")):
+            assert r["ok"], r.get("error")
+            found = sorted(set(m.group(0) for m in APPROX.finditer(r["ptx"])))
+            assert not found, f"{name}: approximate fp32 instructions {found}"
+    assert "ex2.approx" in results["_decode_attn_kernel"]["ptx"]  # the check reads real PTX
+
+
+# ---------------------------------------------------------------------------------------------- emulation
+
+@contextlib.contextmanager
+def approximate(ops=("exp2", "exp"), ulps=2.0, seed=0):
+    """Perturb every fp32 result of the interpreter's ``create_<op>`` by +-``ulps`` ulps (random
+    sign per element, fixed seed): the accuracy class of sm_90's ex2.approx / div.full."""
+    from triton.runtime import interpreter
+    from triton.runtime.interpreter import TensorHandle
+
+    builder = interpreter.interpreter_builder
+    rng = np.random.default_rng(seed)
+    saved = {op: getattr(builder, f"create_{op}") for op in ops}
+
+    def wrap(fn):
+        def approx(*args):
+            h = fn(*args)
+            if h.data.dtype != np.float32:
+                return h
+            sign = rng.choice([-1.0, 1.0], size=h.data.shape)
+            return TensorHandle((h.data.astype(np.float64) * (1 + sign * ulps * 2.0 ** -23)).astype(np.float32), h.dtype.scalar)
+        return approx
+
+    for op, fn in saved.items():
+        setattr(builder, f"create_{op}", wrap(fn))
+    try:
+        yield
+    finally:
+        for op in saved:
+            delattr(builder, f"create_{op}")  # back to the class's own method
+
+
+@pytest.mark.parametrize("B,P,NH,NKV,D,S,live,num_splits", [
+    (1, 4, 6, 2, 8, 160, 1, 5),     # a single live slot: the output is one V row, no error to hide in
+    (2, 3, 3, 1, 12, 130, 64, 3),
+    (1, 2, 4, 2, 16, 200, 200, 4),
+])
+def test_decode_attention_fp32_budget_holds_with_approximate_exp2(device, B, P, NH, NKV, D, S, live, num_splits):
+    from test_ops_decode_attention import _check_live
+
+    if device != "cpu":
+        pytest.skip("emulates the GPU's approximations in the interpreter")
+    with approximate():
+        _check_live(device, torch.float32, B, P, NH, NKV, D, S, live, True, False, num_splits)
+
+
+@pytest.mark.parametrize("op", ["qkv_gemm", "gate_up_silu"])
+@pytest.mark.parametrize("M,H", [(1, 70), (3, 63), (17, 129)])
+def test_splitk_reduce_fp32_budget_holds_with_approximate_exp(device, monkeypatch, op, M, H):
+    """The split-K reduction's epilogues (rstd, SiLU) in "kernel" mode, with exp approximate."""
+    from cqil_kernels.ops import _common, gate_up_silu_reference, qkv_gemm_reference
+    from cqil_kernels.ops.gate_up import gate_up_silu_triton
+    from cqil_kernels.ops.qkv_gemm import qkv_gemm_triton
+
+    if device != "cpu":
+        pytest.skip("emulates the GPU's approximations in the interpreter")
+    monkeypatch.setattr(_common, "SPLITK_MODE", "kernel")
+    g = torch.Generator().manual_seed(M * 100 + H)
+    P, N, I = 2, 36, 20
+    dt, hi = torch.float32, hi_dtype(torch.float32)
+    if op == "qkv_gemm":
+        args = (randn(M, H, dtype=dt, device=device, scale=3.0, generator=g), norm_weight(P, H, dt, device, g),
+                randn(P * N, H, dtype=dt, device=device, generator=g), None, 1e-6)
+        with approximate():
+            out = qkv_gemm_triton(*args, split_k=3)
+        ref = qkv_gemm_reference
+    else:
+        args = (randn(P, M, H, dtype=dt, device=device, scale=3.0, generator=g), norm_weight(P, H, dt, device, g),
+                randn(P, 2 * I, H, dtype=dt, device=device, generator=g), 1e-6)
+        with approximate():
+            out = gate_up_silu_triton(*args, split_k=3)
+        ref = gate_up_silu_reference
+    up = [a if isinstance(a, float) else upcast(a, hi) for a in args]
+    assert_error_budget(out, ref(*up), ref(*args))
