@@ -45,12 +45,17 @@ def _summary(nbytes: int, times: list[float], method: str) -> dict:
                 repeats=len(times), method=method)
 
 
+# Larger than any current NVIDIA L2 (H100 50 MB, H200 60 MB): used if a torch build does not report it.
+_L2_FALLBACK = 64 << 20
+
+
 def l2_bytes(device) -> int | None:
     """L2 cache size of a CUDA device (from its properties); None on the CPU."""
     device = torch.device(device)
     if device.type != "cuda":
         return None
-    return int(torch.cuda.get_device_properties(device).L2_cache_size)
+    size = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0)
+    return int(size) if size else _L2_FALLBACK
 
 
 def default_size(device) -> int:

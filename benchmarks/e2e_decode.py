@@ -5,6 +5,11 @@
     # CPU smoke (CI): tiny shapes, torch backend, < 60 s on 2 cores
     python benchmarks/e2e_decode.py --tiny --device cpu --out /tmp/e2e.json
 
+Every measurement (bandwidth, each verification, each timed row, each prefill) is appended to
+``--jsonl`` the moment it exists (``step_log.StepLog`` lines), so a run stopped by a timeout keeps
+every finished row; the JSON of ``--out`` (with the cross-variant speedups) is written at the end.
+A row that fails (out of memory, or any error) records its error and the run goes on.
+
 Variants, all in ONE run on the same device and the same random weights:
 
 - ``hf-eager``: ``model.generate`` with the default dynamic cache (what a user gets first).

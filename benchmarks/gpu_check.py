@@ -93,7 +93,7 @@ def steps(out: str, jsonl: str, dry: bool, pytest_timeout: bool) -> list[Step]:
         Step("e2e-static", 150, 60, lambda left: e2e + ["--step", "e2e-static", "--out", os.path.join(out, "e2e_static.json"),
                                                         "--variants", "hf-static-compiled", "--no-verify",
                                                         "--budget-s", str(max(0, int(left) - 10))],
-             need_s=90, optional=True),
+             need_s=100, optional=True),
         Step("ops-tests", 120, 0, lambda left: None if dry else ops_tests, need_s=60, optional=True,
              env={"CQIL_GPU_ONLY": "exclude", "CQIL_JSONL": jsonl, "CQIL_STEP": "ops-tests"}),
         Step("tile-sweep", 600, 90, lambda left: [PY, os.path.join(HERE, "tile_sweep.py"), "--jsonl", jsonl,

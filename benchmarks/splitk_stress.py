@@ -11,8 +11,8 @@ shapes, group sizes P in {1, 2, 4}:
    first replay's, bit for bit;
 4. the counters are then grown (a larger reservation: the graph must keep its own, kept-alive
    buffer) and the graph replayed ``--replays`` times more, with the same requirement;
-5. at the end every counter buffer must be zero and the output free of NaN and equal to the
-   "kernel" result (the largest difference is recorded either way).
+5. at the end every counter buffer must be zero and the output free of NaN and within one ulp
+   (at the output's scale) of the "kernel" result; whether it is bitwise equal is recorded.
 
 Each (shape, P, op) is one JSONL row (``--jsonl``), status "ok" or "fail". ``--dry-run``: tiny
 shapes on the CPU through the interpreter, eager calls instead of graph replays (checks the script).
@@ -94,7 +94,7 @@ def stress_case(case, replays: int, device: str) -> dict:
             mismatches += (t != f).any()
     grown_from = max((b.numel() for b in _common._COUNTERS.values()), default=0)
     dev = torch.device(device, torch.cuda.current_device()) if device == "cuda" else torch.device(device)
-    _common.reserve_tile_counters(dev, 2 * grown_from)
+    _common.reserve_tile_counters(dev, grown_from + _common._RESERVED_TILES)  # grows: a new buffer
     for _ in range(replays):
         replay()
         for t, f in zip(outs, first):
@@ -106,7 +106,12 @@ def stress_case(case, replays: int, device: str) -> dict:
     row = dict(split_launches_in_kernel_mode=reductions, replays=2 * replays, mismatching_replays=int(mismatches),
                counters_zero=_counters_zero(), output_nan=nan, max_diff_vs_kernel_mode=diff,
                counters_grown_from=grown_from, counters_now=int(_common._COUNTERS[dev].numel()))
-    row["passed"] = row["mismatching_replays"] == 0 and row["counters_zero"] and not nan and diff == 0.0
+    # the two finishes add the same partials in the same order, but their epilogues are different
+    # kernels (FMA contraction may differ): allow one ulp of the output at its scale
+    scale = max(float(w.abs().max()) if w.numel() else 0.0 for w in want)
+    one_ulp = max(torch.finfo(t.dtype).eps for t in outs if t.is_floating_point()) * max(scale, 1e-6)
+    row.update(bitwise_equal_kernel_mode=diff == 0.0, ulp_at_scale=one_ulp)
+    row["passed"] = row["mismatching_replays"] == 0 and row["counters_zero"] and not nan and diff <= one_ulp
     return row
 
 

@@ -15,6 +15,7 @@ difference. Two checks without a GPU:
 """
 
 import contextlib
+import functools
 import os
 import re
 import sys
@@ -32,56 +33,78 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 APPROX = re.compile(r"\b(div\.full|div\.approx|sqrt\.approx|rsqrt\.approx|rcp\.approx)\.\S*")
 
 
-def _sm90_ptx(record):
-    """Record the ops' launches dry at real shapes (GPU launch decisions), compile for sm_90."""
-    from gpu_compile import LaunchRecorder
-    from sm90_resources import as_on_gpu, compile_records
-
-    with as_on_gpu(), LaunchRecorder(dry=True) as rec:
-        record()
-    records = [dict(r, keep_ptx=True) for r in rec.unique()]
-    return {r["name"].split("[")[0] + ("" if r["ok"] else " (error)"): r for r in compile_records(records, 90, False)}
-
-
-def _record_owned_kernels():
-    """decode attention (serial split, kernel-mode split + combine) and the split-K reduction
-    with every epilogue (norm, GLU, residual + attention)."""
+def _record_kernels():
+    """Every kernel with an fp32 epilogue, at SmolLM2 shapes: decode attention (serial split, and
+    kernel-mode split + combine), the split-K reduction with each epilogue (norm, GLU, residual +
+    attention), and the GEMM kernels' own epilogues (unsplit: qkv with norm, gate_up; the RoPE
+    kernel with rstd and Qwen3 q/k norm)."""
     from cqil_kernels.ops import _common
     from cqil_kernels.ops.decode_attention import decode_attention_triton
     from cqil_kernels.ops.down_sum import down_sum_triton
     from cqil_kernels.ops.gate_up import gate_up_silu_triton
     from cqil_kernels.ops.qkv_gemm import qkv_gemm_triton
+    from cqil_kernels.ops.qkv_rope_cache import qkv_rope_cache_triton
 
     bf = torch.bfloat16
     e = lambda *s: torch.empty(*s, dtype=bf)  # noqa: E731
     kb = e(2, 1, 3, 2112, 64)
+    x, g = e(1, 576), e(2, 576)
     for mode in ("serial", "kernel"):
         _common.SPLITK_MODE = mode
         decode_attention_triton(e(1, 18, 64), list(kb.unbind(0)), list(kb.unbind(0)), torch.ones(1, 2112, dtype=torch.bool),
                                 2112, 0.125, torch.tensor([300]))
-    x, g = e(1, 576), e(2, 576)
-    qkv_gemm_triton(x, g[:1], e(49152, 576), None, 1e-6, split_k=4)
-    gate_up_silu_triton(e(2, 1, 576), g, e(2, 3072, 576), 1e-6, x, 0, split_k=4)
+    for split in (4, 1):
+        qkv_gemm_triton(x, g[:1], e(49152, 576), None, 1e-6, split_k=split)
+        gate_up_silu_triton(e(2, 1, 576), g, e(2, 3072, 576), 1e-6, x, 0, split_k=split)
     down_sum_triton(e(2, 1, 1536), e(2, 576, 1536), x, e(2, 1, 576), split_k=4)
+    qkv_rope_cache_triton(x, g, e(2 * 15 * 64, 576), None, 1e-6, e(1, 64), e(1, 64), e(2, 64), e(2, 64), 1e-6,
+                          e(2, 1, 3, 64, 64), e(2, 1, 3, 64, 64), 0, torch.zeros(1, dtype=torch.long), 1, 9)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm90_approximations():
+    """{kernel: sorted approximate division/sqrt instructions in its sm_90 PTX} (all variants),
+    and the decode attention's PTX."""
+    from cqil_kernels.ops import _common
+    from gpu_compile import LaunchRecorder
+    from sm90_resources import as_on_gpu, compile_records
+
+    mode = _common.SPLITK_MODE
+    try:
+        with as_on_gpu(), LaunchRecorder(dry=True) as rec:
+            _record_kernels()
+    finally:
+        _common.SPLITK_MODE = mode
+    found, attn_ptx = {}, ""
+    for r in compile_records([dict(r, keep_ptx=True) for r in rec.unique()], 90, False):
+        assert r["ok"], r.get("error")
+        name = r["name"].split("[")[0]
+        found.setdefault(name, set()).update(m.group(0) for m in APPROX.finditer(r["ptx"]))
+        if name == "_decode_attn_kernel":
+            attn_ptx = r["ptx"]
+    return {k: sorted(v) for k, v in found.items()}, attn_ptx
+
+
+# The GEMM kernels are the lead's files: the IEEE forms are recommended (benchmarks/NOTES.md,
+# "Numerics on the GPU"); once applied these pass, and strict xfail makes that visible: remove
+# the mark with the change.
+_PENDING = pytest.mark.xfail(strict=True, reason="IEEE forms recommended for the GEMM kernels (issue 11), not yet applied")
 
 
 @pytest.mark.slow
-def test_owned_kernels_have_no_approximate_division_or_sqrt_on_sm90(device, monkeypatch):
+@pytest.mark.parametrize("kernel", [
+    "_decode_attn_kernel", "_decode_combine_kernel", "_splitk_reduce_kernel",
+    pytest.param("_qkv_gemm_kernel", marks=_PENDING), pytest.param("_gate_up_kernel", marks=_PENDING),
+    pytest.param("_rope_cache_kernel", marks=_PENDING), "_down_sum_kernel",
+])
+def test_no_approximate_division_or_sqrt_on_sm90(device, kernel):
     pytest.importorskip("triton")
     if device != "cpu":
         pytest.skip("compiles through the interpreter's launch records")
-    from cqil_kernels.ops import _common
-
-    monkeypatch.setattr(_common, "SPLITK_MODE", _common.SPLITK_MODE)
-    results = _sm90_ptx(_record_owned_kernels)
-    for name in ("_decode_attn_kernel", "_decode_combine_kernel", "_splitk_reduce_kernel"):
-        assert name in results, sorted(results)
-    for name, r in results.items():
-        if name.startswith(("_decode", "_splitk_reduce")):
-            assert r["ok"], r.get("error")
-            found = sorted(set(m.group(0) for m in APPROX.finditer(r["ptx"])))
-            assert not found, f"{name}: approximate fp32 instructions {found}"
-    assert "ex2.approx" in results["_decode_attn_kernel"]["ptx"]  # the check reads real PTX
+    found, attn_ptx = _sm90_approximations()
+    assert "ex2.approx" in attn_ptx  # the check reads real PTX
+    assert kernel in found, sorted(found)
+    assert not found[kernel], f"{kernel}: approximate fp32 instructions {found[kernel]}"
 
 
 # ---------------------------------------------------------------------------------------------- emulation
