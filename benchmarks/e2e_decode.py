@@ -5,6 +5,11 @@
     # CPU smoke (CI): tiny shapes, torch backend, < 60 s on 2 cores
     python benchmarks/e2e_decode.py --tiny --device cpu --out /tmp/e2e.json
 
+Every measurement (bandwidth, each verification, each timed row, each prefill) is appended to
+``--jsonl`` the moment it exists (``step_log.StepLog`` lines), so a run stopped by a timeout keeps
+every finished row; the JSON of ``--out`` (with the cross-variant speedups) is written at the end.
+A row that fails (out of memory, or any error) records its error and the run goes on.
+
 Variants, all in ONE run on the same device and the same random weights:
 
 - ``hf-eager``: ``model.generate`` with the default dynamic cache (what a user gets first).
@@ -63,6 +68,8 @@ from cqil_kernels.report import environment, write_json
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sibling modules below, when imported
 from decode_models import SHAPES, TINY_SHAPES, build_model, kv_bytes, paper_plan, plan_name, weight_bytes  # noqa: E402
 from decode_verify import tie_rtol, verify_engine  # noqa: E402
+from ceilings import measure_read_bandwidth  # noqa: E402
+from step_log import StepLog  # noqa: E402
 
 VARIANTS = ("hf-eager", "hf-static-compiled", "engine", "engine-p2", "engine-p4")
 ENGINE_PARALLEL = {"engine": 1, "engine-p2": 2, "engine-p4": 4}
@@ -85,36 +92,6 @@ def free_memory(device) -> None:
     gc.collect()
     if torch.device(device).type == "cuda":
         torch.cuda.empty_cache()
-
-
-def measure_read_bandwidth(device: torch.device, nbytes: int, repeats: int = 10) -> dict:
-    """Read bandwidth of ``x.sum()`` over an ``nbytes`` fp32 tensor (best of ``repeats``)."""
-    n = nbytes // 4
-    x = torch.ones(n, dtype=torch.float32, device=device)
-    times = []
-    if device.type == "cuda":
-        x.sum()
-        torch.cuda.synchronize()
-        for _ in range(repeats):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            x.sum()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b) / 1e3)
-        method = "x.sum() over fp32, CUDA events"
-    else:
-        x.sum()
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            x.sum()
-            times.append(time.perf_counter() - t0)
-        method = "x.sum() over fp32, perf_counter"
-    del x
-    free_memory(device)
-    best = min(times)
-    return dict(bytes=n * 4, best_s=best, median_s=statistics.median(times), gbps=n * 4 / best / 1e9,
-                gbps_median=n * 4 / statistics.median(times) / 1e9, method=method)
 
 
 def make_prompt(batch: int, length: int, vocab: int, device, pad_rows: dict | None = None, seed: int = 1):
@@ -266,6 +243,8 @@ def parse_args(argv=None):
                          "and a busy core makes multi-threaded runs stall; else torch's default)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="reports/e2e_decode.json")
+    ap.add_argument("--jsonl", default=None, help="append every measurement to this JSONL file as soon as it is made")
+    ap.add_argument("--step", default="e2e", help="step name of the JSONL lines")
     args = ap.parse_args(argv)
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -316,6 +295,42 @@ def print_table(rows, prefill, bandwidth) -> None:
             print(f"{p['shape']:14s} {p['tokens']:6d} {p['variant']:11s} {p['ms']:10.2f} {fmt(ratio, '.3f'):>11s}{flag}")
 
 
+def _error(e: BaseException) -> dict:
+    """A row's record of a failure: OOM is expected at large shapes, anything else is a finding."""
+    first = (str(e).splitlines() or [""])[0][:300]
+    if isinstance(e, torch.cuda.OutOfMemoryError):
+        return dict(error=f"OOM: {first}")
+    return dict(error=f"{type(e).__name__}: {first}")
+
+
+def make_row(shape, cfg, b, c, variant, r, args, plans_of_shape, wbytes, elem, bw) -> dict:
+    """One result row (no cross-variant speedups: those need the other rows, see finish_rows)."""
+    L = cfg.num_hidden_layers
+    P = ENGINE_PARALLEL.get(variant, 1)
+    plan = plans_of_shape.get(variant)
+    kvb = kv_bytes(cfg, b, c + args.new_tokens / 2, elem)
+    floor_ms = wbytes / bw * 1e3
+    row = dict(shape=shape, batch=b, context=c, new_tokens=args.new_tokens, variant=variant, plan=plan_name(L, P),
+               sequential_steps=plan.num_sequential_steps(L) if plan is not None else L,
+               weight_bytes=wbytes, kv_bytes=kvb, floor_ms=floor_ms, floor_kv_ms=(wbytes + kvb) / bw * 1e3, **r)
+    if "ms_per_token" in r:
+        ms = r["ms_per_token"]
+        row.update(tokens_per_s=b * 1e3 / ms, achieved_gbps=(wbytes + kvb) / ms / 1e6, pct_of_floor=100.0 * floor_ms / ms)
+    return row
+
+
+def finish_rows(rows) -> None:
+    """Add speedups vs hf-eager / hf-static-compiled / engine at the same shape, batch, context."""
+    ms = {(r["shape"], r["batch"], r["context"], r["variant"]): r.get("ms_per_token") for r in rows}
+    for r in rows:
+        if "ms_per_token" not in r:
+            continue
+        for base, name in (("hf-eager", "speedup_vs_hf_eager"), ("hf-static-compiled", "speedup_vs_hf_static_compiled"),
+                           ("engine", "speedup_vs_engine")):
+            other = ms.get((r["shape"], r["batch"], r["context"], base))
+            r[name] = None if other is None else other / r["ms_per_token"]
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
@@ -337,10 +352,14 @@ def main(argv=None) -> int:
     clock = Clock(device)
     t_start = time.perf_counter()
     shapes = TINY_SHAPES if args.tiny else SHAPES
+    log = StepLog(args.jsonl, args.step)  # every measurement is appended the moment it exists
 
     bandwidth = measure_read_bandwidth(device, args.bandwidth_mb * 2**20)
     bw = bandwidth["gbps"] * 1e9
-    print(f"device {environment(str(device))['device']}, dtype {str(dtype).replace('torch.', '')}, engine backend {backend}, "
+    env = environment(str(device))
+    log.emit("ok", dict(kind="bandwidth", environment=env, dtype=str(dtype).replace("torch.", ""), engine_backend=backend,
+                        **bandwidth))
+    print(f"device {env['device']}, dtype {str(dtype).replace('torch.', '')}, engine backend {backend}, "
           f"read bandwidth {bandwidth['gbps']:.1f} GB/s")
 
     rows, prefill, verification, plans = [], [], [], {}
@@ -358,10 +377,20 @@ def main(argv=None) -> int:
         plans[shape] = {v: dict(name=plan_name(L, ENGINE_PARALLEL[v]), sequential_steps=p.num_sequential_steps(L), **p.to_dict())
                         for v, p in variant_plans.items()}
         print(f"\n== {shape}: {L} layers, weight bytes {wbytes / 1e6:.1f} MB, floor {wbytes / bw * 1e3:.3f} ms/token")
-        results = {}  # (variant, batch, ctx) -> measurement dict
 
         def row_key_list():
             return [(b, c) for b in args.batches for c in args.contexts]
+
+        def record(variant, b, c, r):
+            row = make_row(shape, cfg, b, c, variant, r, args, variant_plans, wbytes, elem, bw)
+            rows.append(row)
+            status = "ok" if "ms_per_token" in r else ("skipped" if "skipped" in r else "error")
+            log.emit(status, dict(kind="decode", **row))
+            if "ms_per_token" in r:
+                print(f"{shape} B={b} ctx={c} {variant}: {r['ms_per_token']:.3f} ms/token ({row['pct_of_floor']:.1f}% of floor)",
+                      flush=True)
+            else:
+                print(f"{shape} B={b} ctx={c} {variant}: {r.get('skipped') or r.get('error')}", flush=True)
 
         prefill_hf = {}
         # ---------------- (a) HF eager
@@ -369,15 +398,17 @@ def main(argv=None) -> int:
             for b, c in row_key_list():
                 ids, mask = make_prompt(b, c, cfg.vocab_size, device)
                 try:
-                    results[("hf-eager", b, c)] = time_hf_decode(model, ids, mask, args.new_tokens, args.repeats, False, clock)
-                except torch.cuda.OutOfMemoryError as e:
-                    results[("hf-eager", b, c)] = dict(error=f"OOM: {str(e).splitlines()[0]}")
+                    r = time_hf_decode(model, ids, mask, args.new_tokens, args.repeats, False, clock)
+                except Exception as e:  # noqa: BLE001 - a row, and the run goes on
+                    r = _error(e)
+                record("hf-eager", b, c, r)
                 del ids, mask
                 free_memory(device)
             for T in args.prefill_lengths:
                 ids, mask = make_prompt(1, T, cfg.vocab_size, device)
                 prefill_hf[T] = time_hf_prefill(model, ids, mask, max(5, args.repeats), clock)
                 prefill.append(dict(shape=shape, tokens=T, batch=1, variant="hf-eager", ms=prefill_hf[T], ratio_vs_hf_eager=1.0))
+                log.emit("ok", dict(kind="prefill", **prefill[-1]))
             free_memory(device)
 
         # ---------------- (c) (d) (e) engine without groups, P2, P4
@@ -389,20 +420,28 @@ def main(argv=None) -> int:
             if not args.no_verify:
                 vb, vt = 2, 24 if args.tiny else 32
                 ids, mask = make_prompt(vb, vt, cfg.vocab_size, device, pad_rows={1: 5}, seed=7)
-                ref_tok, ref_logits = hf_reference(model, ids, mask, args.verify_tokens)
-                eng = ck.DecodeEngine(model, max_batch_size=vb, max_length=vt + args.verify_tokens, backend=backend, cuda_graph=cuda_graph)
-                v = verify_engine(eng, ref_tok, ref_logits, ids, mask, tie_rtol(dtype))
+                try:
+                    ref_tok, ref_logits = hf_reference(model, ids, mask, args.verify_tokens)
+                    eng = ck.DecodeEngine(model, max_batch_size=vb, max_length=vt + args.verify_tokens, backend=backend,
+                                          cuda_graph=cuda_graph)
+                    v = verify_engine(eng, ref_tok, ref_logits, ids, mask, tie_rtol(dtype))
+                    v.update(engine_steps=eng.num_sequential_steps)
+                    if eng.num_sequential_steps != plan.num_sequential_steps(L):
+                        v["passed"] = False
+                        v["failures"].append(dict(reason="engine segments != plan sequential steps"))
+                    del eng, ref_tok, ref_logits
+                except Exception as e:  # noqa: BLE001 - a failed verification, recorded
+                    v = dict(passed=False, failures=[_error(e)], tokens_equal=False, near_ties=[], max_abs_logit_diff=float("nan"),
+                             logit_scale=float("nan"))
                 v.update(shape=shape, variant=variant, reference="hf-eager" if P == 1 else "convert(backend='torch') + hf-eager",
-                         engine_steps=eng.num_sequential_steps, plan_steps=plan.num_sequential_steps(L))
-                if eng.num_sequential_steps != plan.num_sequential_steps(L):
-                    v["passed"] = False
-                    v["failures"].append(dict(reason="engine segments != plan sequential steps"))
+                         plan_steps=plan.num_sequential_steps(L))
                 verification.append(v)
+                log.emit("ok" if v["passed"] else "fail", dict(kind="verification", **v))
                 all_ok &= v["passed"]
                 status = "PASS" if v["passed"] else "FAIL"
                 print(f"verify {variant:10s} vs {v['reference']}: {status} (tokens equal {v['tokens_equal']}, "
                       f"{len(v['near_ties'])} near-ties, max |dlogit| {v['max_abs_logit_diff']:.3g} of {v['logit_scale']:.3g})")
-                del eng, ids, mask, ref_tok, ref_logits
+                del ids, mask
                 free_memory(device)
             for b, c in row_key_list():
                 ids, mask = make_prompt(b, c, cfg.vocab_size, device)
@@ -411,9 +450,9 @@ def main(argv=None) -> int:
                     eng = ck.DecodeEngine(model, max_batch_size=b, max_length=c + args.new_tokens, backend=backend, cuda_graph=cuda_graph)
                     r = time_engine_decode(eng, ids, mask, args.new_tokens, args.repeats, clock)
                     r["engine_steps"] = eng.num_sequential_steps
-                    results[(variant, b, c)] = r
-                except torch.cuda.OutOfMemoryError as e:
-                    results[(variant, b, c)] = dict(error=f"OOM: {str(e).splitlines()[0]}")
+                except Exception as e:  # noqa: BLE001
+                    r = _error(e)
+                record(variant, b, c, r)
                 del eng, ids, mask
                 free_memory(device)
             if args.prefill_lengths:
@@ -424,6 +463,7 @@ def main(argv=None) -> int:
                     hf = prefill_hf.get(T)
                     prefill.append(dict(shape=shape, tokens=T, batch=1, variant=variant, ms=ms,
                                         ratio_vs_hf_eager=None if hf is None else ms / hf))
+                    log.emit("ok", dict(kind="prefill", **prefill[-1]))
                 del eng
                 free_memory(device)
             ck.revert(model)
@@ -432,12 +472,13 @@ def main(argv=None) -> int:
         if "hf-static-compiled" in args.variants:
             last_compile = 0.0
             for b, c in row_key_list():
-                key = ("hf-static-compiled", b, c)
                 if device.type != "cuda":
-                    results[key] = dict(skipped="CPU: transformers auto-compiles generate only on GPU; compile time would dominate")
+                    record("hf-static-compiled", b, c,
+                           dict(skipped="CPU: transformers auto-compiles generate only on GPU; compile time would dominate"))
                     continue
                 if time.perf_counter() - t_start + max(last_compile, 60.0) > deadline:
-                    results[key] = dict(skipped=f"time budget: --budget-s {args.budget_s:.0f} s, this shape's share ends at {deadline:.0f} s")
+                    record("hf-static-compiled", b, c,
+                           dict(skipped=f"time budget: --budget-s {args.budget_s:.0f} s, this shape's share ends at {deadline:.0f} s"))
                     continue
                 ids, mask = make_prompt(b, c, cfg.vocab_size, device)
                 reset_hf_compile(model)
@@ -446,44 +487,25 @@ def main(argv=None) -> int:
                     last_compile = r["warmup_s"]
                     if not r.get("compiled"):
                         r["note"] = r.get("note", "") + "generate did not compile (no _compiled_call): this row is HF static cache, eager"
-                    results[key] = r
-                except torch.cuda.OutOfMemoryError as e:
-                    results[key] = dict(error=f"OOM: {str(e).splitlines()[0]}")
+                except Exception as e:  # noqa: BLE001
+                    r = _error(e)
+                record("hf-static-compiled", b, c, r)
                 del ids, mask
                 reset_hf_compile(model)
                 free_memory(device)
-
-        # ---------------- rows of this shape
-        for b, c in row_key_list():
-            live = c + args.new_tokens / 2
-            kvb = kv_bytes(cfg, b, live, elem)
-            floor_ms = wbytes / bw * 1e3
-            for variant in args.variants:
-                r = results.get((variant, b, c), {})
-                P = ENGINE_PARALLEL.get(variant, 1)
-                plan = variant_plans.get(variant)
-                row = dict(shape=shape, batch=b, context=c, new_tokens=args.new_tokens, variant=variant,
-                           plan=plan_name(L, P),
-                           sequential_steps=plan.num_sequential_steps(L) if plan is not None else L,
-                           weight_bytes=wbytes, kv_bytes=kvb, floor_ms=floor_ms, floor_kv_ms=(wbytes + kvb) / bw * 1e3, **r)
-                if "ms_per_token" in r:
-                    ms = r["ms_per_token"]
-                    row.update(tokens_per_s=b * 1e3 / ms, achieved_gbps=(wbytes + kvb) / ms / 1e6,
-                               pct_of_floor=100.0 * floor_ms / ms)
-                    for base, name in (("hf-eager", "speedup_vs_hf_eager"), ("hf-static-compiled", "speedup_vs_hf_static_compiled"),
-                                       ("engine", "speedup_vs_engine")):
-                        other = results.get((base, b, c), {}).get("ms_per_token")
-                        row[name] = None if other is None else other / ms
-                rows.append(row)
         del model
         free_memory(device)
 
     elapsed = time.perf_counter() - t_start
+    order = {v: i for i, v in enumerate(VARIANTS)}
+    rows.sort(key=lambda r: (args.shapes.index(r["shape"]), r["batch"], r["context"], order[r["variant"]]))
+    finish_rows(rows)
     print_table(rows, prefill, bandwidth)
-    payload = dict(environment=environment(str(device)), args=vars(args), dtype=str(dtype).replace("torch.", ""),
+    payload = dict(environment=env, args=vars(args), dtype=str(dtype).replace("torch.", ""),
                    engine_backend=backend, bandwidth=bandwidth, plans=plans, verification=verification,
                    verification_passed=all_ok, rows=rows, prefill=prefill, elapsed_s=elapsed)
     write_json(payload, args.out)
+    log.emit("done" if all_ok else "fail", dict(kind="summary", verification_passed=all_ok, rows=len(rows), elapsed_s=elapsed))
     print(f"\nverification {'passed' if all_ok else 'FAILED'}; {elapsed:.1f} s; wrote {args.out}")
     return 0 if all_ok else 1
 

@@ -13,7 +13,8 @@ they moved since a graph was captured.
 The KV cache is one buffer per K and V, ``[L, B, nkv, S, D]``: the P layers of a group are views at
 a constant stride, so the split-KV decode kernel reads them without a copy. Decode attends with a
 fixed ``kv_len = S`` and a ``[B, S]`` keep-mask (left padding, unused slots), so the captured graph
-stays valid for every step. Prefill runs eagerly with SDPA over the group's P*nh heads.
+stays valid for every step; the write slot, read on the device, bounds the slots it reads (so a
+step costs the live length, not S). Prefill runs eagerly with SDPA over the group's P*nh heads.
 
 Semantics match transformers' ``generate`` for the same model (greedy: the same tokens up to
 floating-point ties); positions follow transformers (``cumsum(mask) - 1``, padding at 0).
@@ -94,10 +95,6 @@ class DecodeEngine:
         p = next(model.parameters())
         self.device, self.dtype = p.device, inner.embed_tokens.weight.dtype
         self.backend = resolve_backend(backend, self.device)
-        if self.backend == "triton" and self.device.type == "cuda":
-            from .ops._common import reserve_tile_counters  # before any graph capture
-
-            reserve_tile_counters(self.device)
         capturable = self.comm is None or self.comm._uses_nccl  # gloo collectives run on the host
         self.cuda_graph = (self.device.type == "cuda" and capturable) if cuda_graph is None else cuda_graph
         if self.cuda_graph and self.device.type != "cuda":
@@ -116,6 +113,12 @@ class DecodeEngine:
         held = [i for i in range(self.num_layers) if i not in released and not self._held_elsewhere(layers, i)]
         self._slot_of = {layer: slot for slot, layer in enumerate(held)}
         shape = (len(held), self.max_batch_size, self.num_kv_heads, self.max_length, self.head_dim)
+        if self.backend == "triton":
+            from .ops._common import reserve_tile_counters  # before any graph capture
+
+            # the most split-K counters a step can need: a split decode attention over a group of
+            # every layer at the largest batch (the GEMMs' splits need fewer, see _common)
+            reserve_tile_counters(self.device, self.max_batch_size * self.num_layers * self.num_kv_heads)
         self.k_cache = torch.zeros(shape, device=self.device, dtype=self.dtype)
         self.v_cache = torch.zeros(shape, device=self.device, dtype=self.dtype)
         from .ops import decode_attention, decode_attention_reference
@@ -282,12 +285,14 @@ class DecodeEngine:
             }
         return st[B]
 
-    def _cached_attention(self, g: CQILGroup, q, rows: slice, kv_mask):
+    def _cached_attention(self, g: CQILGroup, q, rows: slice, kv_mask, slot):
         """q [B, P*nh, D] against g's layers' cache slices (batch rows ``rows``) -> [P, B, nh*D]
-        (a strided view)."""
+        (a strided view); ``slot`` (device) is the last live position."""
         keys = [self.k_cache[self._slot_of[i], rows] for i in g.indices]
         values = [self.v_cache[self._slot_of[i], rows] for i in g.indices]
-        out = self._decode_attention(q, keys, values, kv_mask, self.max_length, g.layers[0].self_attn.scaling)
+        # S sizes the launch (static for the graph); slot, on the device, bounds the reads
+        out = self._decode_attention(q, keys, values, kv_mask, self.max_length, g.layers[0].self_attn.scaling,
+                                     slot)
         return out.view(q.shape[0], g.size, -1).transpose(0, 1)
 
     def _decode_step(self, B: int) -> torch.Tensor:
@@ -525,7 +530,7 @@ class _DecodeAttention:
             q, k = g.rotary(q, k, self.cos, self.sin)
             e._write_cache(g, k, v, rows, st["slot"])
             q = q[:, :, 0]
-        return g.o_proj(e._cached_attention(g, q, rows, self.kv_mask), weights, ops)
+        return g.o_proj(e._cached_attention(g, q, rows, self.kv_mask, st["slot"]), weights, ops)
 
 
 class _EngineSlot:

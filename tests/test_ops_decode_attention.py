@@ -122,6 +122,103 @@ def test_decode_attention_dispatch_and_opcheck(device, monkeypatch):
         torch.testing.assert_close(decode_attention(q, ks, vs, mask, 37, 0.25), ref, rtol=0, atol=0)
 
 
+def _check_live(device, dtype, B, P, NH, NKV, D, S, live, holes, shared, num_splits, seed=0):
+    """kv_len = S (static, as under a CUDA graph), the live length ``live`` given on the device as
+    last_pos = live - 1; every slot from ``live`` on holds NaN in K and V and is admitted by the
+    mask, so only last_pos keeps it out. The result must equal attention over the live prefix."""
+    from cqil_kernels.ops.decode_attention import decode_attention_reference, decode_attention_triton
+
+    q, ks, vs, m = _inputs(B, P, NH, NKV, D, S, S, dtype, device, holes, shared, seed)
+    for c in ks + vs:
+        c[:, :, live:] = float("nan")
+    mask = torch.ones(B, S, dtype=torch.bool, device=device) if m is None else m.clone()
+    mask[:, live:] = True  # (_inputs keeps slot 1 attended, and holes' V is NaN)
+    last = torch.tensor([live - 1], device=device)
+    scale = D ** -0.5
+    out = nan_empty((B, P * NH, D), dtype, device)
+    assert decode_attention_triton(q, ks, vs, mask, S, scale, last, out=out, num_splits=num_splits) is out
+    hi = hi_dtype(dtype)
+    # the independent answer: attention over the live prefix only
+    prefix = decode_attention_reference(upcast(q, hi), upcast(ks, hi), upcast(vs, hi), mask, live, scale)
+    assert_error_budget(out, prefix, decode_attention_reference(q, ks, vs, mask, live, scale))
+    # and the reference applies last_pos the same way (as a device-side mask)
+    ref = decode_attention_reference(upcast(q, hi), upcast(ks, hi), upcast(vs, hi), mask, S, scale, last)
+    assert torch.isfinite(ref).all()
+    torch.testing.assert_close(ref, prefix)  # same sums up to summation order
+    return out
+
+
+LIVE_CASES = [  # B, P, NH, NKV, D, S, live, holes, shared, num_splits
+    (1, 2, 4, 2, 16, 200, 37, False, True, 4),     # several splits past the live length
+    (2, 3, 3, 1, 12, 130, 64, True, False, 3),     # live ends on a block edge; separate caches
+    (2, 1, 2, 2, 8, 100, 99, True, True, 1),       # one split (direct store)
+    (1, 4, 6, 2, 8, 160, 1, False, True, 5),       # a single live slot
+]
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+@pytest.mark.parametrize("B,P,NH,NKV,D,S,live,holes,shared,num_splits", LIVE_CASES)
+def test_decode_attention_reads_only_the_live_length(device, dtype, B, P, NH, NKV, D, S, live, holes, shared, num_splits):
+    _check_live(device, dtype, B, P, NH, NKV, D, S, live, holes, shared, num_splits)
+
+
+@pytest.mark.parametrize("mode", ["serial", "kernel"])
+def test_decode_attention_loads_nothing_past_last_pos(device, monkeypatch, mode):
+    """Count, under the interpreter, which K/V cache slots the kernel loads: none at or after the
+    live length, although kv_len (and the grid) cover the whole static cache."""
+    from triton.runtime import interpreter
+
+    from cqil_kernels.ops import _common
+    from cqil_kernels.ops.decode_attention import decode_attention_triton
+
+    if device != "cpu":
+        pytest.skip("counts the interpreter's loads")
+    monkeypatch.setattr(_common, "SPLITK_MODE", mode)
+    B, P, NH, NKV, D, S, live = 2, 2, 4, 2, 16, 256, 70
+    q, ks, vs, _ = _inputs(B, P, NH, NKV, D, S, S, torch.float32, device, shared=True)
+    kbuf, vbuf = ks[0], vs[0]  # views of [P, B, NKV, S, D] buffers: layer 0 at the lowest address
+    es = kbuf.element_size()
+    slots = {}
+
+    def loaded_slots(ptrs, mask, base):
+        addr = ptrs.data[mask.data].astype("int64") - base
+        inside = (addr >= 0) & (addr < P * B * NKV * S * D * es)
+        return ((addr[inside] // es) // D) % S
+
+    original = interpreter.interpreter_builder.create_masked_load
+
+    def counting_load(ptrs, mask, other, *rest):
+        for name, base in (("k", kbuf.data_ptr()), ("v", vbuf.data_ptr())):
+            slots.setdefault(name, []).extend(loaded_slots(ptrs, mask, base).tolist())
+        return original(ptrs, mask, other, *rest)
+
+    monkeypatch.setattr(interpreter.interpreter_builder, "create_masked_load", counting_load)
+    decode_attention_triton(q, ks, vs, None, S, D ** -0.5, torch.tensor([live - 1]), num_splits=8)
+    monkeypatch.undo()
+    for name in ("k", "v"):
+        seen = slots[name]
+        assert seen and max(seen) == live - 1, (name, max(seen))
+        assert sorted(set(seen)) == list(range(live))
+
+
+def test_decode_attention_last_pos_edges(device):
+    from cqil_kernels.ops import decode_attention
+    from cqil_kernels.ops.decode_attention import decode_attention_reference
+
+    q, ks, vs, _ = _inputs(1, 2, 4, 2, 16, 40, 40, torch.float32, device, shared=True)
+    # nothing live: zeros, like a fully masked row
+    none = decode_attention(q, ks, vs, None, 40, 0.25, torch.tensor([-1], device=device))
+    assert (none == 0).all()
+    # a last_pos past kv_len is clamped to kv_len
+    past = decode_attention(q, ks, vs, None, 30, 0.25, torch.tensor([99], device=device, dtype=torch.int32))
+    assert max_err(past, decode_attention_reference(q, ks, vs, None, 30, 0.25)) < 1e-5
+    for bad in (torch.tensor([3.0], device=device), torch.tensor([1, 2], device=device)):
+        with pytest.raises(ValueError, match="last_pos"):
+            decode_attention(q, ks, vs, None, 40, 0.25, bad)
+    torch.library.opcheck(torch.ops.cqil.decode_attention.default,
+                          (q, ks, vs, None, 40, 0.25, torch.tensor([20], device=device)))
+
+
 @pytest.mark.parametrize("B,P,NH,NKV,D,S,L", [
     (1, 2, 9, 3, 64, 2048, 1500),   # SmolLM2-135M, static cache longer than kv_len
     (4, 4, 9, 3, 64, 512, 512),
@@ -130,3 +227,11 @@ def test_decode_attention_dispatch_and_opcheck(device, monkeypatch):
 @pytest.mark.parametrize("shared", [False, True])
 def test_decode_attention_real_shapes_bf16(cuda_device, B, P, NH, NKV, D, S, L, shared):
     _check(cuda_device, torch.bfloat16, B, P, NH, NKV, D, S, L, True, shared, None)
+
+
+@pytest.mark.parametrize("B,P,NH,NKV,D,S,live", [
+    (1, 2, 9, 3, 64, 4160, 300),    # SmolLM2-135M, ctx 256 in a 4k static cache
+    (8, 1, 32, 32, 128, 2112, 2000),  # Llama-7B, nearly full
+])
+def test_decode_attention_live_length_real_shapes_bf16(cuda_device, B, P, NH, NKV, D, S, live):
+    _check_live(cuda_device, torch.bfloat16, B, P, NH, NKV, D, S, live, True, True, None)

@@ -61,15 +61,79 @@ def test_serial_and_kernel_reduction_agree(device, monkeypatch, op, M):
     torch.testing.assert_close(call(1), got, rtol=1e-4, atol=1e-4)
 
 
-def test_counters_grow_and_stay_zero(device):
+def test_counters_grow_and_stay_zero(device, monkeypatch):
+    import gc
+    import weakref
+
     from cqil_kernels.ops import _common
 
+    monkeypatch.setattr(_common, "_COUNTERS", {})
+    monkeypatch.setattr(_common, "_RETIRED", {})
     t = torch.empty(1, device=device)
     buf = _common.tile_counters(t, 10)
     assert buf.dtype == torch.int32 and buf.numel() >= 4096 and not buf.any()
     assert _common.tile_counters(t, 10) is buf
+    old = weakref.ref(buf)
     big = _common.tile_counters(t, buf.numel() + 1)
     assert big.numel() > buf.numel() and not big.any()
+    del buf
+    gc.collect()
+    # graphs captured with the old buffer still address it: it must not be freed
+    assert old() is not None and any(b is old() for b in _common._RETIRED[t.device])
+    assert _common.tile_counters(t, 1) is big
+
+
+def test_reserve_takes_an_explicit_size(device, monkeypatch):
+    from cqil_kernels.ops import _common
+
+    monkeypatch.setattr(_common, "_COUNTERS", {})
+    monkeypatch.setattr(_common, "_RETIRED", {})
+    t = torch.empty(1, device=device)
+    buf = _common.reserve_tile_counters(t.device, 10_000)
+    assert buf.numel() == 10_000 and _common.tile_counters(t, 9_999) is buf
+    assert _common.reserve_tile_counters(t.device, 5) is buf  # never shrinks
+    assert _common.reserve_tile_counters(t.device).numel() == 10_000
+    with pytest.raises(ValueError, match=">= 0"):
+        _common.reserve_tile_counters(t.device, -1)
+    with pytest.raises(TypeError, match="int"):
+        _common.reserve_tile_counters(t.device, 3.5)
+
+
+def test_growth_is_refused_during_graph_capture(device, monkeypatch):
+    """Inside a capture the buffer cannot move; what the reserve holds is still handed out."""
+    from cqil_kernels.ops import _common
+
+    monkeypatch.setattr(_common, "_COUNTERS", {})
+    monkeypatch.setattr(_common, "_RETIRED", {})
+    t = torch.empty(1, device=device)
+    buf = _common.reserve_tile_counters(t.device, 5000)
+    monkeypatch.setattr(_common, "_capturing", lambda dev: True)
+    assert _common.tile_counters(t, 5000) is buf
+    with pytest.raises(RuntimeError, match=r"reserve_tile_counters\('cpu', 5001\)" if device == "cpu" else "reserve_tile_counters"):
+        _common.tile_counters(t, 5001)
+    assert _common.tile_counters(t, 1) is buf and not _common._RETIRED
+    # and so is a first allocation
+    monkeypatch.setattr(_common, "_COUNTERS", {})
+    with pytest.raises(RuntimeError, match="CUDA graph is being captured"):
+        _common.tile_counters(t, 1)
+
+
+def test_engine_reserves_for_its_largest_attention(device, monkeypatch):
+    """DecodeEngine reserves batch x layers x kv heads counters: a split decode attention over a
+    group of every layer at the largest batch fits without growing during a capture."""
+    import cqil_kernels as ck
+    from cqil_kernels.ops import _common
+    from tiny_models import make_tiny
+
+    if device == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(_common, "_COUNTERS", {})
+    monkeypatch.setattr(_common, "_RETIRED", {})
+    monkeypatch.setattr(_common, "_RESERVED_TILES", 1)
+    model = make_tiny("llama", num_layers=3).to(device)
+    engine = ck.DecodeEngine(model, max_batch_size=5, max_length=16, backend="triton", cuda_graph=False)
+    t = torch.empty(1, device=device)
+    assert _common.tile_counters(t, 1).numel() == 5 * 3 * engine.num_kv_heads
 
 
 @pytest.mark.parametrize("op", ["qkv_gemm", "batched_gemm", "gate_up_silu", "down_sum"])
@@ -86,12 +150,13 @@ def test_serial_split_k_is_deterministic_on_gpu(cuda_device, op):
     assert not _common.tile_counters(first, 1).any()
 
 
-@pytest.mark.parametrize("B,P,NH,NKV,D,S,L,holes,num_splits", [
-    (2, 2, 4, 2, 16, 200, 170, True, 4),
-    (1, 3, 6, 3, 8, 100, 100, False, 3),
-    (3, 1, 2, 2, 24, 90, 40, True, 5),   # more splits asked than KV blocks: capped
+@pytest.mark.parametrize("B,P,NH,NKV,D,S,L,holes,num_splits,live", [
+    (2, 2, 4, 2, 16, 200, 170, True, 4, None),
+    (1, 3, 6, 3, 8, 100, 100, False, 3, None),
+    (3, 1, 2, 2, 24, 90, 40, True, 5, None),   # more splits asked than KV blocks: capped
+    (2, 2, 4, 2, 16, 200, 200, True, 5, 50),   # live length on the device: 3 of 5 splits empty
 ])
-def test_decode_attention_serial_and_kernel_combine_agree(device, monkeypatch, B, P, NH, NKV, D, S, L, holes, num_splits):
+def test_decode_attention_serial_and_kernel_combine_agree(device, monkeypatch, B, P, NH, NKV, D, S, L, holes, num_splits, live):
     from cqil_kernels.ops import _common
     from cqil_kernels.ops.decode_attention import decode_attention_triton
     from test_ops_decode_attention import _inputs
@@ -101,7 +166,8 @@ def test_decode_attention_serial_and_kernel_combine_agree(device, monkeypatch, B
     for mode in ("kernel", "serial"):
         monkeypatch.setattr(_common, "SPLITK_MODE", mode)
         with LaunchCounter() as c:
-            outs[mode] = decode_attention_triton(q, ks, vs, mask, L, D ** -0.5, num_splits=num_splits)
+            last = None if live is None else torch.tensor([live - 1], device=device)
+            outs[mode] = decode_attention_triton(q, ks, vs, mask, L, D ** -0.5, last, num_splits=num_splits)
         launches[mode] = c.triton_launches()
     assert launches == {"kernel": 2, "serial": 1}
     assert not torch.isnan(outs["serial"]).any()
@@ -150,5 +216,48 @@ def test_convert_and_engine_reserve_counters_on_gpu(cuda_device, monkeypatch):
     dev = torch.device("cuda", torch.cuda.current_device())
     assert dev in _common._COUNTERS
     monkeypatch.setattr(_common, "_COUNTERS", {})
-    ck.DecodeEngine(model, max_batch_size=1, max_length=16, backend="triton")
-    assert dev in _common._COUNTERS
+    engine = ck.DecodeEngine(model, max_batch_size=3, max_length=16, backend="triton")
+    assert _common._COUNTERS[dev].numel() >= 3 * engine.num_layers * engine.num_kv_heads
+
+
+def test_captured_graph_survives_counter_growth_on_gpu(cuda_device, monkeypatch):
+    """Capture a serial split GEMM, grow the counters, replay: the graph keeps using its (kept
+    alive) buffer, gives the same result and leaves it zeroed; growing inside a capture raises."""
+    import gc
+    import weakref
+
+    from cqil_kernels.ops import _common
+
+    monkeypatch.setattr(_common, "_COUNTERS", {})
+    monkeypatch.setattr(_common, "_RETIRED", {})
+    monkeypatch.setattr(_common, "SPLITK_MODE", "serial")
+    dev = torch.device("cuda", torch.cuda.current_device())
+    _common.reserve_tile_counters(dev)
+    call = dict(_cases(cuda_device, dtype=torch.bfloat16, M=1, H=1100, I=1030))["down_sum"]
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        want = call(8).clone()  # JIT outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = call(8)
+    old = weakref.ref(_common._COUNTERS[dev])
+    old_ptr = old().data_ptr()
+    grown = _common.reserve_tile_counters(dev, old().numel() * 4)
+    assert grown.data_ptr() != old_ptr
+    gc.collect()
+    torch.cuda.empty_cache()
+    # memory the allocator may hand out next: must not be written by the replays
+    bait = [torch.full((old().numel(),), 7, dtype=torch.int32, device=dev) for _ in range(4)]
+    assert old() is not None
+    for _ in range(100):
+        graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, want)
+    assert not old().any() and not grown.any()
+    assert all((b == 7).all() for b in bait)
+    with pytest.raises(RuntimeError, match="reserve_tile_counters"):
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            _common.tile_counters(out, grown.numel() + 1)
+    assert _common._COUNTERS[dev] is grown

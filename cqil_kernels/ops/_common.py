@@ -197,6 +197,29 @@ def workspace(shape, t: torch.Tensor) -> torch.Tensor:
     return ws
 
 
+# Precise fp32 forms for the epilogues. On sm_90, Triton compiles ``1.0 / tl.sqrt(x)`` to
+# sqrt.approx + div.full and ``tl.sigmoid`` to ex2.approx + div.full: non-IEEE results a couple of
+# ulps off, where torch divides and takes square roots exactly (its rsqrt and exp are approximate
+# too). Emulated in the interpreter at 2 ulps per approximate instruction, the fp32 kernel tests'
+# error budgets (2x torch's error + 4 ulps) fail in gate_up_silu and decode_attention because of the
+# divisions, and pass with every division and square root exact and only exp2/exp approximate
+# (benchmarks/NOTES.md, "Numerics on the GPU"). These cost a few instructions per output element,
+# once per epilogue; inner loops keep exp2.
+
+
+@triton.jit
+def rsqrt_rn(x):
+    """1 / sqrt(x), each step correctly rounded (div.rn / sqrt.rn on the GPU); any shape."""
+    return tl.div_rn(tl.full(x.shape, 1.0, tl.float32), tl.sqrt_rn(x))
+
+
+@triton.jit
+def sigmoid_rn(x):
+    """1 / (1 + exp(-x)) with a correctly rounded division (exp stays approximate); any shape.
+    The same sums as ``tl.sigmoid`` under the interpreter."""
+    return tl.div_rn(tl.full(x.shape, 1.0, tl.float32), 1.0 + tl.exp(-x))
+
+
 @triton.jit
 def _splitk_reduce_kernel(
     ws_ptr, ss_ptr, b_ptr, res_ptr, attn_ptr, out_ptr,
@@ -239,7 +262,7 @@ def _splitk_reduce_kernel(
         base += R * NW
         ss_base += SS_SPLIT_STRIDE
     if HAS_SS:
-        rstd = 1.0 / tl.sqrt(ss * inv_k + eps)
+        rstd = rsqrt_rn(ss * inv_k + eps)
         acc = acc * rstd[:, None]
         acc_u = acc_u * rstd[:, None]
     if HAS_BIAS:
@@ -254,7 +277,7 @@ def _splitk_reduce_kernel(
                 mask=mask, other=0.0,
             ).to(tl.float32)
     if GLU:
-        acc = acc * tl.sigmoid(acc) * acc_u
+        acc = acc * sigmoid_rn(acc) * acc_u
     tl.store(out_ptr + rr64[:, None] * stride_or + rn[None, :] * stride_on,
              acc.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -296,40 +319,80 @@ def splitk_reduce(ws, out2d, *, splits, ss=None, inv_k=0.0, eps=0.0, bias2d=None
 # repeat split GEMMs and require identical results every time.
 SPLITK_MODE = "serial"
 
-_COUNTERS: dict = {}
+_COUNTERS: dict = {}  # device -> the int32 counter buffer every split launch on that device uses
+# device -> buffers replaced by a larger one. They stay alive: a CUDA graph captured before the
+# growth still addresses its buffer, and freeing it would let every later replay write into
+# whatever tensor the allocator put there next.
+_RETIRED: dict = {}
 
 
 def serial_split() -> bool:
     return SPLITK_MODE == "serial"
 
 
-# Split-K only happens below 2 programs per SM, so a tile count never comes near this.
+# A heuristic split happens only below two programs per SM (pick_split_k, and decode attention's
+# B*P*nkv programs), so heuristic launches need fewer counters than this on any GPU. Explicit
+# split counts, or a decode attention with more (batch, layer, kv head) programs, can need more:
+# whoever captures graphs reserves its maximum up front (DecodeEngine does).
 _RESERVED_TILES = 4096
+
+
+def _capturing(device: torch.device) -> bool:
+    """True while a CUDA graph is being captured on ``device``'s current stream."""
+    if device.type != "cuda":
+        return False
+    with torch.cuda.device(device):
+        return torch.cuda.is_current_stream_capturing()
 
 
 def tile_counters(t: torch.Tensor, tiles: int) -> torch.Tensor:
     """Zeroed int32 arrival counters for ``tiles`` output tiles on t's device.
 
-    One buffer per device, reused by every split GEMM: a tile's last program resets its counter,
-    so the buffer is all zeros again when the kernel ends. Kernels that use it must not run
-    concurrently on two streams. Allocated on first use unless :func:`reserve_tile_counters` ran
-    first; ``convert(backend="triton")`` and ``DecodeEngine`` reserve it up front, so it is never
-    allocated inside a CUDA-graph capture or a compiled region's private memory pool (whose state
-    cudagraph trees may rewind, which would hand the live counters to other tensors).
+    One buffer per device, reused by every split launch: a tile's last program resets its
+    counter, so the buffer is all zeros again when the kernel ends. Kernels that use it must not
+    run concurrently on two streams.
+
+    The buffer only grows, and only outside CUDA-graph capture: growing it inside a capture
+    raises a RuntimeError (reserve first with :func:`reserve_tile_counters`), and a buffer
+    replaced by a larger one is kept alive for the graphs captured with it. ``convert(backend=
+    "triton")`` and ``DecodeEngine`` reserve up front, so the buffer is also never first
+    allocated inside a compiled region's private memory pool (whose state cudagraph trees may
+    rewind, which would hand the live counters to other tensors).
     """
     buf = _COUNTERS.get(t.device)
     if buf is None or buf.numel() < tiles:
+        have = 0 if buf is None else buf.numel()
+        if _capturing(t.device):
+            raise RuntimeError(
+                f"a split launch needs {tiles} split-K arrival counters on {t.device}, {have} are reserved, and a "
+                "CUDA graph is being captured, where the buffer cannot grow (graphs captured earlier would keep "
+                f"addressing the old one). Call cqil_kernels.ops._common.reserve_tile_counters('{t.device}', {tiles}) "
+                "before capturing (DecodeEngine reserves for its max_batch_size)."
+            )
+        if buf is not None:
+            _RETIRED.setdefault(t.device, []).append(buf)
         buf = torch.zeros(max(int(tiles), _RESERVED_TILES), dtype=torch.int32, device=t.device)
         _COUNTERS[t.device] = buf
     return buf
 
 
-def reserve_tile_counters(device) -> None:
-    """Allocate ``device``'s split-K arrival counters now (call outside graph capture/compilation)."""
+def reserve_tile_counters(device, tiles: int = 0) -> torch.Tensor:
+    """Make ``device``'s split-K arrival counters hold at least ``tiles`` (and at least the
+    default reserve); returns the buffer. Call it outside graph capture and compilation, with the
+    most counters any later launch needs: a split decode attention needs batch x layers of the
+    group x kv heads, a split GEMM its output tiles (fewer than 2 per SM under the heuristics).
+
+    Example:
+        >>> reserve_tile_counters("cuda", 8 * 32 * 32)   # batch 8, up to 32 layers, 32 kv heads
+    """
+    if isinstance(tiles, bool) or not isinstance(tiles, int):
+        raise TypeError(f"tiles must be an int, got {type(tiles).__name__}")
+    if tiles < 0:
+        raise ValueError(f"tiles must be >= 0, got {tiles}")
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    tile_counters(torch.empty(0, device=device), _RESERVED_TILES)
+    return tile_counters(torch.empty(0, device=device), max(tiles, _RESERVED_TILES))
 
 
 @triton.jit

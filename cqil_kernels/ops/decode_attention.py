@@ -15,8 +15,10 @@ through the first cache's pointer plus a layer stride: no copy. Otherwise they a
 which copies ``P * B * nkv * kv_len * D`` elements of K and of V per call (the whole live cache:
 allocate the caches as views of one buffer to avoid it).
 
-For CUDA graphs pass a static ``kv_len`` (e.g. S) and let ``kv_mask`` carry which slots are live:
-the split count and chunk size are derived from ``kv_len`` on the host.
+For CUDA graphs pass a static ``kv_len`` (e.g. S), let ``kv_mask`` carry which slots are attended
+and ``last_pos`` (a device tensor) the last live slot: the split count and chunk size are derived
+from ``kv_len`` on the host, and every split reads only its slots up to ``last_pos``, so a decode
+step costs the live length, not S.
 """
 
 import torch
@@ -30,16 +32,21 @@ from ._common import (
 _LOG2E = 1.4426950408889634
 
 
-def decode_attention_reference(q, k_caches, v_caches, kv_mask, kv_len, scale):
+def decode_attention_reference(q, k_caches, v_caches, kv_mask, kv_len, scale, last_pos=None):
     """Torch reference and CPU fallback (HF eager attention numerics, per layer).
 
-    Masked slots get zero weight and their V is zeroed (so stale or uninitialised cache contents
-    cannot leak in as NaN); a row with no valid slot returns zeros.
+    Masked slots, and slots after ``last_pos``, get zero weight and their V is zeroed (so stale or
+    uninitialised cache contents cannot leak in as NaN); a row with no valid slot returns zeros.
+    ``last_pos`` is applied as a mask on the device (no host sync, so graph capture works); the
+    reference still reads all ``kv_len`` slots.
     """
     B, HQ, D = q.shape
     P = len(k_caches)
     NH = HQ // P
     cd = compute_dtype(q.dtype)
+    if last_pos is not None:
+        live = torch.arange(kv_len, device=q.device) <= last_pos.reshape(())
+        kv_mask = live.expand(B, kv_len) if kv_mask is None else kv_mask[:, :kv_len].to(torch.bool) & live
     outs = []
     for j in range(P):
         k = k_caches[j][:, :, :kv_len]
@@ -74,25 +81,33 @@ def _combine_head(opart_ptr, lse_ptr, out_ptr, row, b, h, NSPLIT, D, stride_ob, 
     o = tl.load(opart_ptr + (row * NSPLIT + rs)[:, None] * D + rd[None, :],
                 mask=s_mask[:, None] & d_mask[None, :], other=0.0, cache_modifier=".cg")
     den = tl.sum(w, axis=0)
-    res = tl.sum(o * w[:, None], axis=0) / tl.where(den > 0.0, den, 1.0)
+    # an IEEE division, as torch's (sm_90 compiles "/" to the approximate div.full; _common.rsqrt_rn)
+    res = tl.div_rn(tl.sum(o * w[:, None], axis=0), tl.broadcast_to(tl.where(den > 0.0, den, 1.0), (BLOCK_D,)))
     tl.store(out_ptr + b * stride_ob + h * stride_oh + rd * stride_od, res.to(out_ptr.dtype.element_ty), mask=d_mask)
 
 
 @triton.jit
 def _decode_attn_kernel(
-    q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, opart_ptr, lse_ptr, cnt_ptr,
+    q_ptr, k_ptr, v_ptr, mask_ptr, last_ptr, out_ptr, opart_ptr, lse_ptr, cnt_ptr,
     kv_len, qk_scale, NKV, NH, GROUP, P, D, CHUNK, NSPLIT,
     stride_qb, stride_qh, stride_qd,
     stride_kl, stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vl, stride_vb, stride_vh, stride_vs, stride_vd,
     stride_mb, stride_ms,
     stride_ob, stride_oh, stride_od,
-    HAS_MASK: tl.constexpr, DIRECT: tl.constexpr, SERIAL: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_LAST: tl.constexpr, DIRECT: tl.constexpr, SERIAL: tl.constexpr, UPCAST: tl.constexpr,
     DOT_PREC: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_S: tl.constexpr,
 ):
     pid = tl.program_id(0)
     pid_s = tl.program_id(1)
+    # this split's slots [lo, hi): the grid is sized for kv_len (static under a CUDA graph); the
+    # live length, read on the device, bounds the loop, so slots after it are never loaded
+    n_live = kv_len
+    if HAS_LAST:
+        n_live = tl.maximum(tl.minimum(tl.load(last_ptr) + 1, kv_len), 0).to(tl.int32)
+    lo = pid_s * CHUNK
+    hi = tl.minimum(lo + CHUNK, n_live)
     g = pid % NKV
     bj = pid // NKV
     j = bj % P
@@ -104,7 +119,7 @@ def _decode_attn_kernel(
     rd = tl.arange(0, BLOCK_D)
     d_mask = rd < D
     q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + rd[None, :] * stride_qd,
-                mask=g_mask[:, None] & d_mask[None, :], other=0.0)
+                mask=g_mask[:, None] & d_mask[None, :] & (lo < hi), other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
     k_base = k_ptr + j.to(tl.int64) * stride_kl + b.to(tl.int64) * stride_kb + g.to(tl.int64) * stride_kh
@@ -112,10 +127,9 @@ def _decode_attn_kernel(
     m_i = tl.full((BLOCK_G,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_G,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_G, BLOCK_D), dtype=tl.float32)
-    lo = pid_s * CHUNK
-    for t in range(0, CHUNK, BLOCK_N):
-        offs = lo + t + tl.arange(0, BLOCK_N)
-        in_range = offs < kv_len
+    for start in range(lo, hi, BLOCK_N):
+        offs = start + tl.arange(0, BLOCK_N)
+        in_range = offs < hi
         valid = in_range
         if HAS_MASK:
             keep = tl.load(mask_ptr + b.to(tl.int64) * stride_mb + offs * stride_ms, mask=in_range, other=0)
@@ -129,7 +143,8 @@ def _decode_attn_kernel(
         if UPCAST:
             kt = kt.to(tl.float32)
             vt = vt.to(tl.float32)
-        # scores in log2 units (qk_scale = scale * log2(e)) so exp2 can be used
+        # scores in log2 units (qk_scale = scale * log2(e)) so exp2 can be used (ex2.approx on sm_90,
+    # within the fp32 error budget: benchmarks/NOTES.md, "Numerics on the GPU")
         s = tl.dot(q, tl.trans(kt), input_precision=DOT_PREC) * qk_scale
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -145,7 +160,7 @@ def _decode_attn_kernel(
             acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=DOT_PREC)
         m_i = m_new
     has = l_i > 0.0
-    o = acc / tl.where(has, l_i, 1.0)[:, None]
+    o = tl.div_rn(acc, tl.broadcast_to(tl.where(has, l_i, 1.0)[:, None], (BLOCK_G, BLOCK_D)))
     row_mask = g_mask[:, None] & d_mask[None, :]
     if DIRECT:
         tl.store(out_ptr + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + rd[None, :] * stride_od,
@@ -176,6 +191,15 @@ def _decode_combine_kernel(
                   BLOCK_S, BLOCK_D)
 
 
+def _check_last_pos(last_pos, q) -> None:
+    if last_pos is None:
+        return
+    if not isinstance(last_pos, torch.Tensor) or last_pos.numel() != 1 or last_pos.dtype not in (torch.int32, torch.int64):
+        raise ValueError("last_pos must be an int32/int64 tensor with one element (the last live cache position)")
+    if last_pos.device != q.device:
+        raise ValueError(f"last_pos is on {last_pos.device}, q on {q.device}: it is read on the device")
+
+
 def _layer_addressing(caches, kv_len):
     """(base tensor, layer stride in elements, [B, nkv, S, D] strides) for P caches.
 
@@ -198,9 +222,10 @@ def _layer_addressing(caches, kv_len):
     return st, st.stride(0), st.stride()[1:]
 
 
-def decode_attention_triton(q, k_caches, v_caches, kv_mask, kv_len, scale, *, out=None, num_splits=None):
+def decode_attention_triton(q, k_caches, v_caches, kv_mask, kv_len, scale, last_pos=None, *, out=None, num_splits=None):
     """Launch the split-KV kernels; ``out`` ([B, P*nh, D], q.dtype) is written in full.
-    ``num_splits`` overrides the heuristic (tests cover 1 and several splits)."""
+    ``num_splits`` overrides the heuristic (tests cover 1 and several splits). The split count
+    comes from ``kv_len``; ``last_pos`` only bounds the work of each split on the device."""
     B, HQ, D = q.shape
     P = len(k_caches)
     if P == 0 or len(v_caches) != P or HQ % P:
@@ -211,6 +236,7 @@ def decode_attention_triton(q, k_caches, v_caches, kv_mask, kv_len, scale, *, ou
         raise ValueError(f"cache {tuple(k_caches[0].shape)} does not fit q {tuple(q.shape)}, kv_len {kv_len}")
     if kv_mask is not None and (kv_mask.shape[0] != B or kv_mask.shape[1] < kv_len):
         raise ValueError(f"kv_mask {tuple(kv_mask.shape)} must be [B, >= kv_len]")
+    _check_last_pos(last_pos, q)
     GROUP = NH // NKV
     out = check_out(out, (B, HQ, D), q)
     kout = kernel_out(out)
@@ -240,11 +266,11 @@ def decode_attention_triton(q, k_caches, v_caches, kv_mask, kv_len, scale, *, ou
     cnt = tile_counters(q, programs) if serial else kout
     block_s = max(2, next_pow2(num_splits))
     _decode_attn_kernel[(programs, num_splits)](
-        q, k_base, v_base, mask, kout, opart, lse, cnt,
+        q, k_base, v_base, mask, last_pos if last_pos is not None else q, kout, opart, lse, cnt,
         kv_len, float(scale) * _LOG2E, NKV, NH, GROUP, P, D, chunk, num_splits,
         *q.stride(), k_layer, *ks, v_layer, *vs,
         *(mask.stride() if kv_mask is not None else (0, 0)), *kout.stride(),
-        HAS_MASK=kv_mask is not None, DIRECT=direct, SERIAL=serial, UPCAST=upcast,
+        HAS_MASK=kv_mask is not None, HAS_LAST=last_pos is not None, DIRECT=direct, SERIAL=serial, UPCAST=upcast,
         DOT_PREC="ieee" if upcast or q.dtype == torch.float32 else "tf32",
         BLOCK_G=BLOCK_G, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_S=block_s, num_warps=4, num_stages=2,
     )
@@ -258,19 +284,21 @@ def decode_attention_triton(q, k_caches, v_caches, kv_mask, kv_len, scale, *, ou
 
 @torch.library.custom_op("cqil::decode_attention", mutates_args=())
 def _decode_attention_op(q: torch.Tensor, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor],
-                         kv_mask: torch.Tensor | None, kv_len: int, scale: float) -> torch.Tensor:
+                         kv_mask: torch.Tensor | None, kv_len: int, scale: float,
+                         last_pos: torch.Tensor | None = None) -> torch.Tensor:
     if use_triton(q):
-        return decode_attention_triton(q, k_caches, v_caches, kv_mask, kv_len, scale)
-    return decode_attention_reference(q, k_caches, v_caches, kv_mask, kv_len, scale)
+        return decode_attention_triton(q, k_caches, v_caches, kv_mask, kv_len, scale, last_pos)
+    _check_last_pos(last_pos, q)
+    return decode_attention_reference(q, k_caches, v_caches, kv_mask, kv_len, scale, last_pos)
 
 
 @_decode_attention_op.register_fake
-def _(q, k_caches, v_caches, kv_mask, kv_len, scale):
+def _(q, k_caches, v_caches, kv_mask, kv_len, scale, last_pos=None):
     return q.new_empty(q.shape)
 
 
 def decode_attention(q: torch.Tensor, k_caches, v_caches, kv_mask: torch.Tensor | None, kv_len: int,
-                     scale: float) -> torch.Tensor:
+                     scale: float, last_pos: torch.Tensor | None = None) -> torch.Tensor:
     """Single-token attention of P layers over their own KV caches (split-KV, GQA per layer).
 
     Args:
@@ -278,8 +306,13 @@ def decode_attention(q: torch.Tensor, k_caches, v_caches, kv_mask: torch.Tensor 
         k_caches, v_caches: sequences of P tensors [B, nkv, S, D] (HF cache layout; S may exceed
             kv_len for static caches). Query head h of layer j reads kv head h // (nh // nkv).
         kv_mask: [B, S] bool (True = attend) or None.
-        kv_len: only cache positions < kv_len are read.
+        kv_len: only cache positions < kv_len are read; it sizes the launch (use the static S
+            under a CUDA graph).
         scale: softmax scale, usually D ** -0.5.
+        last_pos: optional int tensor with one element on q's device: the last live cache
+            position (e.g. the decode step's write slot). Positions after it are neither attended
+            nor read, so a static ``kv_len`` costs only the live slots, and a captured CUDA graph
+            stays valid as the value advances.
 
     Returns:
         [B, P*nh, D] in q.dtype. A row with no valid position returns zeros.
@@ -287,4 +320,4 @@ def decode_attention(q: torch.Tensor, k_caches, v_caches, kv_mask: torch.Tensor 
     Example:
         >>> o = decode_attention(q, [c.keys for c in layers], [c.values for c in layers], None, L, D**-0.5)
     """
-    return _decode_attention_op(q, list(k_caches), list(v_caches), kv_mask, int(kv_len), float(scale))
+    return _decode_attention_op(q, list(k_caches), list(v_caches), kv_mask, int(kv_len), float(scale), last_pos)

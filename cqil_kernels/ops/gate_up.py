@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from ._common import (
     cdiv, check_out, compute_dtype, dot_flags, finish_out, gemm_blocks, kernel_out, dot_acc, last_to_arrive,
-    pick_split_k, serial_split, splitk_reduce, sum_splits, tile_counters, tl, triton,
+    pick_split_k, rsqrt_rn, serial_split, sigmoid_rn, splitk_reduce, sum_splits, tile_counters, tl, triton,
     use_triton, workspace,
 )
 from ._tables import as_op_list, check_same_layout, from_op_list, weight_table
@@ -82,10 +82,10 @@ def gate_up_silu_reference(u, norm_weights, gate_weights, up_weights, eps, resid
 def _gate_up_epilogue(acc_g, acc_u, ss, out_ptr, p64, rm, rn, mask, inv_k, eps,
                       stride_op, stride_om, stride_on, HAS_NORM: tl.constexpr):
     if HAS_NORM:
-        rstd = (1.0 / tl.sqrt(ss * inv_k + eps))[:, None]
+        rstd = rsqrt_rn(ss * inv_k + eps)[:, None]
         acc_g = acc_g * rstd
         acc_u = acc_u * rstd
-    res = acc_g * tl.sigmoid(acc_g) * acc_u
+    res = acc_g * sigmoid_rn(acc_g) * acc_u
     tl.store(out_ptr + p64 * stride_op + rm.to(tl.int64)[:, None] * stride_om + rn[None, :] * stride_on,
              res.to(out_ptr.dtype.element_ty), mask=mask)
 

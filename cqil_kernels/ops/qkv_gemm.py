@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from ._common import (
     cdiv, check_out, compute_dtype, dot_flags, finish_out, gemm_blocks, kernel_out, dot_acc, last_to_arrive, pick_split_k,
-    serial_split, splitk_reduce, sum_splits, tile_counters, tl, triton, use_triton, workspace,
+    rsqrt_rn, serial_split, splitk_reduce, sum_splits, tile_counters, tl, triton, use_triton, workspace,
 )
 from ._tables import as_op_list, check_same_layout, from_op_list, weight_table
 
@@ -74,7 +74,7 @@ def qkv_gemm_reference(x, norm_weights, weights, biases, eps):
 def _qkv_epilogue(acc, ss, b_ptr, b_off, out_ptr, rm, rn, cols, mask, n_mask, inv_k, eps, stride_om, stride_on,
                   HAS_NORM: tl.constexpr, HAS_BIAS: tl.constexpr):
     if HAS_NORM:
-        acc = acc * (1.0 / tl.sqrt(ss * inv_k + eps))[:, None]
+        acc = acc * rsqrt_rn(ss * inv_k + eps)[:, None]
     if HAS_BIAS:
         acc += tl.load(b_ptr + b_off + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptr + rm.to(tl.int64)[:, None] * stride_om + cols[None, :] * stride_on,

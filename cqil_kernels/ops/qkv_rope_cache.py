@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ._common import compute_dtype, interpreted, next_pow2, sum_splits, tl, triton, use_triton, workspace
+from ._common import compute_dtype, interpreted, next_pow2, rsqrt_rn, sum_splits, tl, triton, use_triton, workspace
 from ._tables import as_op_list, check_same_layout, from_op_list, weight_table
 from .qkv_gemm import qkv_gemm_launch, qkv_gemm_reference, qkv_layout
 
@@ -127,7 +127,7 @@ def _rope_cache_kernel(
         ss = tl.load(ss_ptr + m)
         for s in range(1, SPLITS):
             ss += tl.load(ss_ptr + s * SS_SPLIT_STRIDE + m)
-        rstd = 1.0 / tl.sqrt(ss * inv_k + eps)
+        rstd = rsqrt_rn(ss * inv_k + eps)
         x1 = x1 * rstd
         x2 = x2 * rstd
     if HAS_BIAS:
@@ -136,7 +136,7 @@ def _rope_cache_kernel(
         x1 += tl.load(bq + offs, mask=hmask, other=0.0).to(tl.float32)
         x2 += tl.load(bq + HALF + offs, mask=hmask, other=0.0).to(tl.float32)
     if HAS_QKNORM:
-        r = 1.0 / tl.sqrt((tl.sum(x1 * x1, axis=0) + tl.sum(x2 * x2, axis=0)) / D + qk_eps)
+        r = rsqrt_rn(tl.div_rn(tl.sum(x1 * x1, axis=0) + tl.sum(x2 * x2, axis=0), D * 1.0) + qk_eps)
         if is_q:
             wn = qn_ptr + tl.load(qn_off_ptr + j)
         else:
