@@ -184,3 +184,29 @@ def test_a_dead_rank_ends_the_forward_with_an_error():
     assert outs[0].status == "error", outs[0]
     assert outs[0].elapsed_s < 40
 
+
+
+def _rank_hf_sampled(ctx):
+    from cqil_kernels.distributed import check_same, shared_seed
+
+    model = _model("qwen2", [[1, 2], [3, 4]], 1, process_group=ctx.group)
+    ids, mask = _prompt()
+    torch.manual_seed(1000 + ctx.rank)  # different local generators: the shared seed must win
+    seed = shared_seed(ctx.group, None, ctx.rank)
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=True, top_k=20,
+                             synced_gpus=True)
+    check_same(out, ctx.group, "generated tokens", ctx.rank)
+    try:
+        check_same(torch.tensor([ctx.rank]), ctx.group, "rank ids", ctx.rank)
+        mismatch = None
+    except Exception as e:  # noqa: BLE001 - returned to the parent
+        mismatch = type(e).__name__
+    return {"seed": seed, "tokens": out.tolist(), "mismatch": mismatch}
+
+
+def test_hf_sampling_with_a_shared_seed_gives_every_rank_the_same_tokens():
+    outs = run_ranks(_rank_hf_sampled, 2, pg_timeout=30.0, join_timeout=120.0)
+    assert outs[0]["seed"] == outs[1]["seed"]
+    assert outs[0]["tokens"] == outs[1]["tokens"]
+    assert outs[0]["mismatch"] == outs[1]["mismatch"] == "RankMismatchError"

@@ -18,7 +18,7 @@ Importing this package creates no process group and touches no GPU.
 """
 
 from .communicator import ENGINES, Choice, Communicator, Handle, ReducePolicy, choose_engine
-from .consistency import RankMismatchError, check_consistent, fingerprint, weight_fingerprint
+from .consistency import RankMismatchError, check_consistent, check_same, fingerprint, shared_seed, weight_fingerprint
 from .faults import DistributedError, check_alive, collective_guard, wait_event
 from .launch import DEFAULT_TIMEOUT_S, DistContext, LaunchEnv, destroy, init
 from .placement import Placement, place
@@ -46,6 +46,8 @@ __all__ = [
     "fingerprint",
     "weight_fingerprint",
     "check_consistent",
+    "shared_seed",
+    "check_same",
     "RankMismatchError",
     "DistributedError",
     "check_alive",

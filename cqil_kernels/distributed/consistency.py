@@ -18,7 +18,8 @@ import json
 
 import torch
 
-__all__ = ["RankMismatchError", "fingerprint", "weight_fingerprint", "config_fingerprint", "compare", "check_consistent"]
+__all__ = ["RankMismatchError", "fingerprint", "weight_fingerprint", "config_fingerprint", "compare", "check_consistent",
+           "shared_seed", "check_same"]
 
 # Config entries that differ between two loads of the same model (path, hub revision, writer).
 _VOLATILE_CONFIG_KEYS = ("_name_or_path", "_commit_hash", "transformers_version")
@@ -153,3 +154,45 @@ def check_consistent(fp: dict, group, rank: int | None = None, timeout_s: float 
             "the ranks of this run were started differently - " + " | ".join(problems)
             + ". Start every rank with the same --model, --plan and options."
         )
+
+
+def shared_seed(group, seed: int | None = None, rank: int | None = None, timeout_s: float | None = None) -> int:
+    """Seed torch's generators with the same value on every rank: rank 0's ``seed`` (a fresh one
+    when None), broadcast. Sampling through transformers' ``generate`` then draws the same tokens
+    on every rank, since their logits are bitwise equal; :func:`check_same` verifies it.
+
+    A collective over ``group`` (None: one process, seeds with ``seed`` if given). Returns the seed.
+    """
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+        raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+    if group is None:
+        if seed is not None:
+            torch.manual_seed(seed)
+        return seed if seed is not None else torch.initial_seed()
+    import torch.distributed as dist
+
+    from .faults import collective_guard
+
+    value = [seed if seed is not None else int(torch.randint(0, 2**62, (1,)).item())]
+    with collective_guard("seed broadcast", rank, timeout_s):
+        dist.broadcast_object_list(value, src=dist.get_global_rank(group, 0), group=group)
+    torch.manual_seed(value[0])
+    return value[0]
+
+
+def check_same(t: torch.Tensor, group, what: str, rank: int | None = None, timeout_s: float | None = None) -> None:
+    """Raise :class:`RankMismatchError` on every rank unless ``t`` (e.g. generated token ids) is
+    bitwise equal on all of them. A collective over ``group`` (None: nothing to compare)."""
+    if group is None:
+        return
+    import torch.distributed as dist
+
+    from .faults import collective_guard
+
+    digest = _digest(t.detach().to("cpu").contiguous().numpy().tobytes() + str(tuple(t.shape)).encode())
+    gathered: list = [None] * dist.get_world_size(group)
+    with collective_guard(f"comparing {what} across ranks", rank, timeout_s):
+        dist.all_gather_object(gathered, digest, group=group)
+    if len(set(gathered)) > 1:
+        ranks = {d: [r for r, g in enumerate(gathered) if g == d] for d in gathered}
+        raise RankMismatchError(f"{what} differ across ranks (ranks with equal values: {sorted(ranks.values())})")
