@@ -210,3 +210,34 @@ def test_hf_sampling_with_a_shared_seed_gives_every_rank_the_same_tokens():
     assert outs[0]["seed"] == outs[1]["seed"]
     assert outs[0]["tokens"] == outs[1]["tokens"]
     assert outs[0]["mismatch"] == outs[1]["mismatch"] == "RankMismatchError"
+
+
+def _rank_forward_on(ctx, device, family, groups, bypass):
+    """One rank on ``device`` (gloo carries CUDA tensors too: NCCL refuses two ranks on one GPU)."""
+    model = make_tiny(family, num_layers=NUM_LAYERS).to(device)
+    backend = "triton" if device != "cpu" else "torch"
+    ck.convert(model, ck.CQILPlan(groups, bypass=bypass), backend=backend, process_group=ctx.group)
+    ids, mask = (t.to(device) for t in _prompt())
+    engine = ck.DecodeEngine(model, max_batch_size=2, max_length=16, backend=backend, cuda_graph=False)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    return {"logits": logits.float().cpu().tolist(),
+            "engine": engine.generate(ids, mask, max_new_tokens=5, eos_token_id=[]).cpu().tolist()}
+
+
+def test_split_groups_on_one_gpu_through_gloo(cuda_device):
+    """Issue 9 item 11: the distributed path with the ranks' tensors on the GPU and the Triton
+    kernels (one GPU: gloo; NCCL needs a GPU per rank)."""
+    family, groups, bypass = "llama", [[1, 2], [3, 4]], 1
+    model = make_tiny(family, num_layers=NUM_LAYERS).to(cuda_device)
+    ck.convert(model, ck.CQILPlan(groups, bypass=bypass), backend="triton")
+    ids, mask = (t.to(cuda_device) for t in _prompt())
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask).logits.float().cpu()
+    ref_engine = ck.DecodeEngine(model, max_batch_size=2, max_length=16, backend="triton", cuda_graph=False)
+    ref_tokens = ref_engine.generate(ids, mask, max_new_tokens=5, eos_token_id=[]).cpu().tolist()
+    outs = run_ranks(_rank_forward_on, 2, cuda_device, family, groups, bypass, device=cuda_device,
+                     pg_timeout=120.0, join_timeout=300.0)
+    for out in outs:
+        torch.testing.assert_close(torch.tensor(out["logits"]), ref, atol=1e-4, rtol=0)
+        assert out["engine"] == ref_tokens
