@@ -329,14 +329,14 @@ class DecodeEngine:
         if len(hs) == 1:
             h = hs[0]
             for g, w in zip(self.segments, self._weights):
-                h = g.mlp_stage(h, attends[0](g, h, w, ops), w, ops)
+                h = g.run(h, attends[0], ops, w)
             return [h]
         pending = [None] * len(hs)
         for g, w in zip(self.segments, self._weights):
             for i, attend in enumerate(attends):
                 if pending[i] is not None:
                     hs[i], pending[i] = pending[i].wait(), None
-                out = g.mlp_stage(hs[i], attend(g, hs[i], w, ops), w, ops, reduce=False)
+                out = g.run(hs[i], attend, ops, w, reduce=False)
                 if g.split:
                     pending[i] = g.comm.all_reduce_async_(out)
                 else:

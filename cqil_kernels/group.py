@@ -43,7 +43,10 @@ from . import compat
 from .families import Family, sliding_window_of
 from .weights import LayerWeights, gather_weights
 
-__all__ = ["CQILGroup", "CQILDecoderGroup"]
+__all__ = ["CQILGroup", "CQILDecoderGroup", "GATHER"]
+
+#: ``CQILGroup.run(..., weights=GATHER)``: gather the layers' weights when the group runs
+GATHER = object()
 
 
 def _rotary_fn(layer):
@@ -165,15 +168,20 @@ class CQILGroup:
         return self.run(x, attend).view(B, T, H)
 
     # ------------------------------------------------------------------ the stages
-    def run(self, x: torch.Tensor, attend, ops=None) -> torch.Tensor:
+    def run(self, x: torch.Tensor, attend, ops=None, weights=GATHER, reduce: bool = True) -> torch.Tensor:
         """The group on x [M, H] -> h_out [M, H]: ``attend(group, x, weights, ops)`` gives the
-        attention outputs [P, M, H] of the layers this process holds (after o_proj; ``weights`` is
-        None on the modules path), then :meth:`mlp_stage`. ``ops``: the op set of the fused path
-        (default: this group's backend; the decode engine passes its own)."""
+        attention outputs [P, M, H] of the layers this process holds (after o_proj), then
+        :meth:`mlp_stage` (``reduce``: see there). The one stage sequence of every caller.
+
+        ``ops``: the op set of the fused path (default: this group's backend; the decode engine
+        passes its own). ``weights``: what ``fused_weights()`` gave, when the caller gathered them
+        already (None: the layers' own modules run), or ``GATHER`` to gather them now.
+        """
         ops = ops or self.ops()
-        weights, _ = self.fused_weights()
+        if weights is GATHER:
+            weights, _ = self.fused_weights()
         a = attend(self, x, weights, ops)
-        return self.mlp_stage(x, a, weights, ops)
+        return self.mlp_stage(x, a, weights, ops, reduce)
 
     def project_qkv(self, x: torch.Tensor, weights: LayerWeights | None, ops):
         """Shared input x [M, H] -> q [M, P, nh, D], k and v [M, P, nkv, D] (Qwen3 q/k norm applied).
