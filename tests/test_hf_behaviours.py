@@ -67,9 +67,12 @@ def left_padded(lengths=(7, 4, 6), seed=1):
     return ids, mask, rows
 
 
-def gen_kwargs(new_tokens=5, **kw):
-    # min_new_tokens: no early EOS from a random model, so every run has the same length
-    return dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0, **kw)
+def gen_kwargs(new_tokens=5, force_length=True, **kw):
+    # min_new_tokens: no early EOS from a random model, so every run has the same length.
+    # transformers 4.57 refuses it with an assistant model (force_length=False there).
+    if force_length:
+        kw["min_new_tokens"] = new_tokens
+    return dict(max_new_tokens=new_tokens, pad_token_id=0, **kw)
 
 
 def max_err(a, b) -> float:
@@ -91,27 +94,27 @@ def logits(model, ids, **kw):
 
 
 @contextlib.contextmanager
-def fused_calls(monkeypatch):
+def fused_calls():
     """Counts calls of the torch op set's grouped ops: a group on the fused path calls each once
     per forward; a group that fell back to the layers' own modules calls none."""
     from cqil_kernels.backends import get_ops
 
     ops = get_ops("torch")
     counts = {}
-    for name in ("qkv_gemm", "batched_gemm", "gate_up_silu", "down_sum"):
-        original = getattr(ops, name)
+    with pytest.MonkeyPatch.context() as mp:
+        for name in ("qkv_gemm", "batched_gemm", "gate_up_silu", "down_sum"):
+            original = getattr(ops, name)
 
-        def spy(*args, _name=name, _original=original, **kwargs):
-            counts[_name] = counts.get(_name, 0) + 1
-            return _original(*args, **kwargs)
+            def spy(*args, _name=name, _original=original, **kwargs):
+                counts[_name] = counts.get(_name, 0) + 1
+                return _original(*args, **kwargs)
 
-        monkeypatch.setattr(ops, name, spy)
-    yield counts
-    monkeypatch.undo()
+            mp.setattr(ops, name, spy)
+        yield counts
 
 
-def assert_fused(model, ids, monkeypatch, groups=1):
-    with fused_calls(monkeypatch) as counts:
+def assert_fused(model, ids, groups=1):
+    with fused_calls() as counts:
         logits(model, ids)
     assert counts == {"qkv_gemm": groups, "batched_gemm": groups, "gate_up_silu": groups, "down_sum": groups}, (
         f"the group did not run the fused path: grouped-op calls {counts}"
@@ -162,8 +165,9 @@ def test_assisted_decoding_gives_greedy_tokens():
     with a plain draft model and with a converted one."""
     model, _ = converted("llama")
     ids = prompt(batch=1)
-    kw = gen_kwargs(8, do_sample=False)
+    kw = gen_kwargs(8, force_length=False, do_sample=False)
     greedy = model.generate(ids, **kw)
+    assert greedy.shape[1] - ids.shape[1] >= 6  # this prompt does not hit EOS at once
     plain_draft = make_tiny("llama", num_layers=2, seed=5)
     converted_draft = ck.convert(make_tiny("llama", num_layers=2, seed=5), ck.CQILPlan([[0, 1]]), backend="torch")
     for draft in (plain_draft, converted_draft):
@@ -179,18 +183,19 @@ ALL_GROUPED = ck.CQILPlan([[0, 1], [2, 3]], bypass=0)
     strict=True,
     reason="group.py:117 pops output_attentions and the group never calls its layers' self_attn, "
     "whose forward hooks are how transformers records attentions: a step holds 1 of 4 layers "
-    "(PLAN), or none (ALL_GROUPED: IndexError in generation/utils.py _assisted_decoding)",
+    "(PLAN), or none (ALL_GROUPED: assisted decoding's per-layer split then raises, IndexError "
+    "on 5.x, TypeError on 4.57)",
 )
 @pytest.mark.parametrize("plan", [PLAN, ALL_GROUPED], ids=["one-group", "all-grouped"])
 def test_assisted_decoding_with_output_attentions(plan):
     model, _ = converted("llama", attn_implementation="eager", plan=plan)
     draft = make_tiny("llama", num_layers=2, seed=5, attn_implementation="eager")
     ids = prompt(batch=1)
-    kw = gen_kwargs(6, do_sample=False, return_dict_in_generate=True, output_attentions=True)
-    out = model.generate(ids, assistant_model=draft, **kw)
-    assert torch.equal(out.sequences, model.generate(ids, **gen_kwargs(6, do_sample=False)))
+    kw = gen_kwargs(6, force_length=False, do_sample=False)
+    out = model.generate(ids, assistant_model=draft, return_dict_in_generate=True, output_attentions=True, **kw)
+    assert torch.equal(out.sequences, model.generate(ids, **kw))
     # one entry per new token, each holding every layer's attention over the keys so far
-    assert len(out.attentions) == 6
+    assert len(out.attentions) == out.sequences.shape[1] - ids.shape[1] >= 4
     for step in out.attentions:
         assert len(step) == NUM_LAYERS
         assert all(a.shape[:2] == (1, 4) for a in step)
@@ -316,6 +321,7 @@ def test_resize_token_embeddings_keeps_the_group():
     assert_close(after[..., :VOCAB], before, atol=0, what="old-vocabulary logits")
     new_token = torch.tensor([[VOCAB + 3]])
     assert torch.isfinite(logits(model, torch.cat([ids[:1], new_token], 1))).all()
+    assert_fused(model, ids)
 
 
 def test_gradient_checkpointing_trains_every_layer():
@@ -342,7 +348,7 @@ def test_gradient_checkpointing_trains_every_layer():
     assert max_err(logits(model, ids), before) > 1e-4
 
 
-def test_to_dtype_after_convert(monkeypatch):
+def test_to_dtype_after_convert():
     model, oracle = converted("qwen3")
     ids = prompt()
     fp32 = logits(model, ids)
@@ -350,7 +356,7 @@ def test_to_dtype_after_convert(monkeypatch):
     assert all(p.dtype == torch.float64 for p in model.parameters())
     # HF normalises in fp32 even for fp64 models, the group's fused norms in fp64: ~1e-7 apart
     assert_close(logits(model, ids), logits(oracle.to(torch.float64), ids), atol=1e-6, what="fp64")
-    assert_fused(model, ids, monkeypatch)
+    assert_fused(model, ids)
     model.to(torch.float32)  # fp32 -> fp64 -> fp32 is exact: the first outputs again
     assert torch.equal(logits(model, ids), fp32)
 
@@ -371,6 +377,7 @@ def test_save_pretrained_then_load_both_ways(family, tmp_path):
     assert ck.get_plan(loaded) == PLAN
     assert torch.equal(logits(loaded, ids), want)
     assert torch.equal(loaded.generate(ids, **gen_kwargs(4, do_sample=False)), want_tokens)
+    assert_fused(loaded, ids)
     plain = ck.convert(AutoModelForCausalLM.from_pretrained(tmp_path).eval(), backend="torch")
     assert torch.equal(logits(plain, ids), want)
 
@@ -468,13 +475,13 @@ def test_peft_save_pretrained_round_trip(tmp_path):
     reason="group.py:109 caches the backend op-set module on the group (CQILGroup._ops) at the "
     "first forward; deepcopy then fails: cannot pickle 'module' object",
 )
-def test_deepcopy_after_a_forward(monkeypatch):
+def test_deepcopy_after_a_forward():
     model, _ = converted("qwen3")
     ids = prompt()
     want = logits(model, ids)
     clone = copy.deepcopy(model)
     assert torch.equal(logits(clone, ids), want)
-    assert_fused(clone, ids, monkeypatch)
+    assert_fused(clone, ids)
     # the copy computes from its own weights
     with torch.no_grad():
         clone.model.layers[2].mlp.down_proj.weight.mul_(2)
@@ -488,7 +495,7 @@ def test_deepcopy_after_a_forward(monkeypatch):
     "cqil_kernels.conversion but never binds their names there: pickle's attribute lookup of "
     "CQILLlamaDecoderLayer fails",
 )
-def test_torch_save_whole_model(tmp_path, monkeypatch):
+def test_torch_save_whole_model(tmp_path):
     model, _ = converted("llama")
     ids = prompt()
     want = logits(model, ids)
@@ -496,7 +503,7 @@ def test_torch_save_whole_model(tmp_path, monkeypatch):
     loaded = torch.load(tmp_path / "model.pt", weights_only=False)
     assert ck.get_plan(loaded) == PLAN
     assert torch.equal(logits(loaded, ids), want)
-    assert_fused(loaded, ids, monkeypatch)
+    assert_fused(loaded, ids)
 
 
 @pytest.mark.xfail(
@@ -505,21 +512,21 @@ def test_torch_save_whole_model(tmp_path, monkeypatch):
     "them by identity with those stacked at convert, so group.py:99 use_stacked() is False for "
     "good (modules path, no fused ops)",
 )
-def test_load_state_dict_assign_keeps_the_fused_path(monkeypatch):
+def test_load_state_dict_assign_keeps_the_fused_path():
     model, _ = converted("llama")
     donor = make_tiny("llama", num_layers=NUM_LAYERS, seed=3)
     want = logits(reference_model(donor, PLAN.groups, PLAN.bypass), prompt())
     model.load_state_dict({k: v.clone() for k, v in donor.state_dict().items()}, assign=True)
     ids = prompt()
     assert_close(logits(model, ids), want, what="after assign=True")
-    assert_fused(model, ids, monkeypatch)
+    assert_fused(model, ids)
 
 
-def test_plain_load_state_dict_keeps_the_fused_path(monkeypatch):
+def test_plain_load_state_dict_keeps_the_fused_path():
     """The counterpart of the assign=True test that works today: the spy itself is sound."""
     model, _ = converted("llama")
     donor = make_tiny("llama", num_layers=NUM_LAYERS, seed=3)
     model.load_state_dict(donor.state_dict())
     ids = prompt()
     assert_close(logits(model, ids), logits(reference_model(donor, PLAN.groups, PLAN.bypass), ids))
-    assert_fused(model, ids, monkeypatch)
+    assert_fused(model, ids)
