@@ -15,8 +15,7 @@ semantics) or against the converted model's own earlier outputs:
 
 Written from the behaviours (transformers' generation and modeling test mixins name which ones
 matter); nothing is copied from them. Tiny models (4 layers, hidden 48), a few tokens: the module
-runs in seconds. A test marked xfail(strict=True) asserts the correct behaviour of something known
-broken; once fixed it turns red and the marker must go.
+runs in seconds.
 """
 
 from __future__ import annotations
@@ -179,13 +178,6 @@ def test_assisted_decoding_gives_greedy_tokens():
 ALL_GROUPED = ck.CQILPlan([[0, 1], [2, 3]], bypass=0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="group.py:117 pops output_attentions and the group never calls its layers' self_attn, "
-    "whose forward hooks are how transformers records attentions: a step holds 1 of 4 layers "
-    "(PLAN), or none (ALL_GROUPED: assisted decoding's per-layer split then raises, IndexError "
-    "on 5.x, TypeError on 4.57)",
-)
 @pytest.mark.parametrize("plan", [PLAN, ALL_GROUPED], ids=["one-group", "all-grouped"])
 def test_assisted_decoding_with_output_attentions(plan):
     model, _ = converted("llama", attn_implementation="eager", plan=plan)
@@ -248,12 +240,6 @@ def test_left_padded_batch_equals_each_sequence_alone(family):
 # ---------------------------------------------------------------------------------- model outputs
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="group.py:117 pops output_attentions and group.py:254 discards the attention weights; "
-    "the group's layers' self_attn modules are never called, so transformers' recording hooks "
-    "see only layer 0 (1 of 4 entries)",
-)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_output_attentions_has_every_layers_probabilities(family):
     model, oracle = converted(family, attn_implementation="eager")
@@ -406,11 +392,6 @@ def test_torch_save_state_dict_round_trip(tmp_path):
     assert torch.equal(logits(target, ids), logits(model, ids))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="stacking.py:111 (param.data = view) makes every group parameter a view of a shared "
-    "stacked buffer: safetensors.torch.save_model raises (no name covers the entire storage)",
-)
 def test_safetensors_save_model_round_trip(tmp_path):
     from safetensors.torch import load_file, load_model, save_model
 
@@ -423,11 +404,6 @@ def test_safetensors_save_model_round_trip(tmp_path):
     assert torch.equal(logits(target, ids), logits(model, ids))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="stacking.py:111 (param.data = view): accelerate's save_model keeps one name per "
-    "shared storage ('Removed shared tensor ... should be OK'): 21 of 39 tensors silently dropped",
-)
 def test_accelerate_save_model_writes_every_weight(tmp_path):
     from accelerate import Accelerator
     from safetensors.torch import load_file
@@ -470,11 +446,6 @@ def test_peft_save_pretrained_round_trip(tmp_path):
         assert max_err(logits(reloaded, ids), want) > 1e-3  # the adapters matter
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="group.py:109 caches the backend op-set module on the group (CQILGroup._ops) at the "
-    "first forward; deepcopy then fails: cannot pickle 'module' object",
-)
 def test_deepcopy_after_a_forward():
     model, _ = converted("qwen3")
     ids = prompt()
@@ -489,12 +460,6 @@ def test_deepcopy_after_a_forward():
     assert torch.equal(logits(model, ids), want)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="conversion.py:60 builds the layer subclasses with type() and __module__ = "
-    "cqil_kernels.conversion but never binds their names there: pickle's attribute lookup of "
-    "CQILLlamaDecoderLayer fails",
-)
 def test_torch_save_whole_model(tmp_path):
     model, _ = converted("llama")
     ids = prompt()
@@ -506,12 +471,6 @@ def test_torch_save_whole_model(tmp_path):
     assert_fused(loaded, ids)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="assign=True replaces the Parameter objects; stacking.py:159 modules_intact() compares "
-    "them by identity with those stacked at convert, so group.py:99 use_stacked() is False for "
-    "good (modules path, no fused ops)",
-)
 def test_load_state_dict_assign_keeps_the_fused_path():
     model, _ = converted("llama")
     donor = make_tiny("llama", num_layers=NUM_LAYERS, seed=3)
