@@ -670,12 +670,20 @@ def _main_search(args, model, calib, exclude, out: Path):
 
 
 def _main_evaluate(args, model, evalw, plans):
-    """Held-out evaluation of ``plans`` against the base, one base forward per batch for all; full
-    forwards (no prefix reuse) so that tokens/s are comparable."""
-    from .evaluate import compare_plans
+    """Held-out evaluation of ``plans`` against the base: one base pass keeps what the base's output
+    head reads (``base_log_probs``), and each plan is measured against it; the distilled model is
+    measured against the same base later, without another base pass. Full forwards (no prefix
+    reuse), so that tokens/s are comparable. Returns (base EvalResult, plan EvalResults, the base's
+    BaseLogProbs)."""
+    from .evaluate import base_log_probs, evaluate, plan_applied
 
-    return compare_plans(model, evalw, plans, batch_size=args.batch_size, progress=_progress(args),
-                         backend=args.backend, reuse_prefix=False, desc="held-out evaluation")
+    progress = _progress(args)
+    base = base_log_probs(model, evalw, batch_size=args.batch_size, progress=progress, backend=args.backend)
+    evals = []
+    for plan in plans:
+        with plan_applied(model, plan, args.backend):
+            evals.append(evaluate(model, evalw, base_model=base, batch_size=args.batch_size, progress=progress))
+    return base.result, evals, base
 
 
 def _main_samples(args, model, tok, plan) -> dict:
@@ -688,14 +696,18 @@ def _main_samples(args, model, tok, plan) -> dict:
     return samples
 
 
-def _main_distill(args, model, tok, plan, evalw):
-    """LoRA + KL distillation of ``plan``. After it, reverting no longer gives the original model,
-    so it runs after everything that needs the original (base numbers, samples); its before/after
-    numbers are measured against the original's log-probs."""
-    from .evaluate import plan_applied
+def _main_distill(args, model, tok, plan, evalw, base, before):
+    """LoRA + KL distillation of ``plan``, then the held-out evaluation against ``base`` (the
+    original's BaseLogProbs). After it, reverting no longer gives the original model, so it runs
+    after everything that needs the original (base numbers, samples)."""
+    from .evaluate import evaluate, plan_applied
 
     with plan_applied(model, plan, args.backend):
-        return run_distill_from_args(args, model, tok, plan, eval_windows=evalw)
+        res = run_distill_from_args(args, model, tok, plan)
+        res.before = before.to_dict()
+        res.after = evaluate(model, evalw, base_model=base, batch_size=args.batch_size,
+                             progress=_progress(args)).to_dict()
+    return res
 
 
 def cmd_main(args) -> int:
@@ -726,13 +738,14 @@ def cmd_main(args) -> int:
     plan = result.plan
     contiguous = CQILPlan(result.best_contiguous["groups"], bypass=plan.bypass) if result.best_contiguous else None
     with clock("evaluate"):
-        base, evals = _main_evaluate(args, model, evalw, [plan] + ([contiguous] if contiguous is not None else []))
+        base, evals, base_lp = _main_evaluate(args, model, evalw,
+                                              [plan] + ([contiguous] if contiguous is not None else []))
     with clock("generate"):
         samples = _main_samples(args, model, tok, plan)
     dres = None
     if args.distill_steps > 0:
         with clock("distill"):
-            dres = _main_distill(args, model, tok, plan, evalw)
+            dres = _main_distill(args, model, tok, plan, evalw, base_lp, evals[0])
 
     header = ["model", "groups", "layers", "seq. steps", "perplexity", "ppl %", "KL", "top-1",
               "fwd tok/s", "gen tok/s"]

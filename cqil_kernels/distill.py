@@ -68,6 +68,7 @@ class DistillResult:
     steps: int = 0
     tokens_seen: int = 0  # student tokens trained on (steps * batch * T)
     train_seconds: float = 0.0  # training loop only
+    train_cpu_seconds: float = 0.0  # the same, CPU seconds of every thread (machine load inflates wall time)
     wall_seconds: float = 0.0  # everything, teacher cache and evaluations included
     teacher_seconds: float = 0.0  # teacher cache / prefix precomputation
     teacher: str = ""  # "cache" or "online"
@@ -90,6 +91,7 @@ class DistillResult:
             "tokens_seen": self.tokens_seen,
             "train_seconds": self.train_seconds,
             "seconds_per_step": self.seconds_per_step,
+            "train_cpu_seconds": self.train_cpu_seconds,
             "wall_seconds": self.wall_seconds,
             "teacher_seconds": self.teacher_seconds,
             "teacher": self.teacher,
@@ -336,7 +338,7 @@ def _train(pm, head, windows, pre: _Precomputed, res: DistillResult, *, steps, l
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(schedule, total, warm))
     batches = _batches_forever(len(windows), batch_size, seed)
     bar = tqdm(total=steps, desc="distill", unit="step", disable=not progress, leave=False)
-    t_train = time.perf_counter()
+    t_train, c_train = time.perf_counter(), time.process_time()
     step = 0
     try:
         while step < total[0]:
@@ -375,6 +377,7 @@ def _train(pm, head, windows, pre: _Precomputed, res: DistillResult, *, steps, l
     finally:
         bar.close()
     res.train_seconds = time.perf_counter() - t_train
+    res.train_cpu_seconds = time.process_time() - c_train
     res.steps = step
     res.settings["steps_run"] = step
     return params

@@ -18,7 +18,7 @@ import math
 import time
 import warnings
 import weakref
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
 
@@ -236,7 +236,8 @@ class BaseLogProbs:
     ``log_probs(i)`` forms the [n_i, V] fp32 log-probs from them with a copy of the head taken at
     the same time. That is H/V of the memory of the log-probs themselves (SmolLM2: 2.3 KB instead
     of 200 KB per token). For a model whose logits are not its head's output (checked once), the
-    log-probs are stored instead (``head_weight`` None).
+    log-probs are stored instead (``head_weight`` None). ``result`` is the base model's own
+    EvalResult on those windows (perplexity, forward tokens/s), measured on the way.
     """
 
     chunks: list
@@ -244,6 +245,7 @@ class BaseLogProbs:
     num_windows: int
     head_weight: torch.Tensor | None = None
     head_bias: torch.Tensor | None = None
+    result: EvalResult | None = None
 
     def log_probs(self, i: int) -> torch.Tensor:
         """[n_i, V] fp32 log-probs of batch ``i``."""
@@ -486,32 +488,36 @@ def base_log_probs(model, windows, *, batch_size: int = 2, progress: bool = True
     chunks = []
     head = model.get_output_embeddings()
     store_hidden = isinstance(head, torch.nn.Linear)
+    stats = _Stats(None)
     with plan_applied(model, None, backend):
         bar = _progress(len(windows) * windows.seq_len, "base log-probs", progress)
         for start, end in _batches(len(windows), batch_size):
             ids = windows.input_ids[start:end].to(_device_of(model))
             mask = windows.score_mask(start, end).to(ids.device)
-            if not store_hidden:
-                chunks.append(_forward_logp(model, ids, mask))
-            else:
-                sink: list = []
-                with _capture_head_input(model, sink):
-                    logits = _scored_logits(model, ids, mask)
-                hidden = sink[-1][:, :-1][mask] if len(sink) == 1 and sink[-1].shape[:2] == ids.shape else None
-                if not chunks:
-                    # Once: the head applied to the captured input must give the model's logits
-                    # (not so with logit scaling or soft-capping after the head).
-                    got = None if hidden is None else F.linear(hidden, head.weight, head.bias).float()
-                    scale = float(logits.abs().max()) or 1.0
-                    store_hidden = got is not None and bool(torch.allclose(got, logits, rtol=0.0, atol=1e-4 * scale))
-                    del got
-                chunks.append(hidden.clone() if store_hidden else F.log_softmax(logits, dim=-1))
-                del logits, sink
+            sink: list = []
+            t0 = time.perf_counter()
+            with _capture_head_input(model, sink) if store_hidden else nullcontext():
+                logits = _scored_logits(model, ids, mask)
+            stats.seconds += time.perf_counter() - t0
+            stats.window_tokens += ids.numel()
+            hidden = sink[-1][:, :-1][mask] if len(sink) == 1 and sink[-1].shape[:2] == ids.shape else None
+            if store_hidden and not chunks:
+                # Once: the head applied to the captured input must give the model's logits
+                # (not so with logit scaling or soft-capping after the head).
+                got = None if hidden is None else F.linear(hidden, head.weight, head.bias).float()
+                scale = float(logits.abs().max()) or 1.0
+                store_hidden = got is not None and bool(torch.allclose(got, logits, rtol=0.0, atol=1e-4 * scale))
+                del got
+            chunks.append(hidden.clone() if store_hidden else F.log_softmax(logits, dim=-1))
+            stats.add(logits, ids[:, 1:][mask], None)
+            del logits, sink, hidden
             bar.update(ids.numel())
         bar.close()
+    result = stats.result(None)
+    result.kl, result.top1_agreement, result.base_perplexity = 0.0, 1.0, result.perplexity
     weight = head.weight.detach().clone() if store_hidden else None
     bias = head.bias.detach().clone() if store_hidden and head.bias is not None else None
-    return BaseLogProbs(chunks, batch_size, len(windows), weight, bias)
+    return BaseLogProbs(chunks, batch_size, len(windows), weight, bias, result)
 
 
 @torch.inference_mode()
