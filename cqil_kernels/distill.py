@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .evaluate import _capture_head_input, _ModelState, skip_layers
+from .evaluate import _ModelState, skip_layers
 
 __all__ = ["DistillResult", "distill", "LORA_TARGETS"]
 
@@ -240,60 +240,66 @@ def _rebuild(model, state: _ModelState) -> None:
         convert(model, state.plan, backend=state.backend)
 
 
+def _decoder_of(model):
+    """The decoder stack under the output head (``model.model`` of a HF causal LM)."""
+    get = getattr(model, "get_decoder", None)
+    decoder = get() if callable(get) else None
+    return decoder if isinstance(decoder, torch.nn.Module) else model.model
+
+
+def _head_is_last(model, ids: torch.Tensor) -> bool:
+    """Whether the logits are the output head applied to the decoder's last hidden state (no
+    scaling or soft-capping after the head): then the loss can be formed chunk by chunk from it."""
+    head = model.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear):
+        return False
+    ref = model(input_ids=ids, use_cache=False).logits.float()
+    got = F.linear(_decoder_of(model)(input_ids=ids, use_cache=False).last_hidden_state, head.weight, head.bias)
+    scale = float(ref.abs().max()) or 1.0
+    return got.shape == ref.shape and bool(torch.allclose(got.float(), ref, rtol=0.0, atol=1e-4 * scale))
+
+
 @dataclass
 class _Precomputed:
     """What one no-grad pass over the calibration windows gives the training loop."""
 
-    teacher_h: list  # per window [T, H]: input of the output head in the sequential model (cache teacher)
+    teacher_h: list  # per window [T, H]: the sequential model's last hidden state (cache teacher)
     prefix_h: list  # per window [T, H]: input of layer ``prefix`` (the same in both models)
     prefix: int  # first layer the training forward runs (0: full forwards)
     use_cache: bool
+    head_is_last: bool  # logits == head(last hidden state): the loss is formed in token chunks
 
 
 def _precompute(model, layers, windows, *, use_cache: bool, prefix: int, batch_size: int, backend: str,
                 device) -> _Precomputed:
-    """Teacher head inputs (sequential model) and/or frozen-prefix inputs, in one pass per window.
+    """Teacher hidden states (sequential model) and/or frozen-prefix inputs, in one pass per window.
 
     The inputs of layer ``prefix`` are the same in the sequential and the converted model because
-    no group lies below it. Both shortcuts are checked once against the full computation and
-    dropped (online teacher / full forwards) when they do not reproduce it.
+    no group lies below it. Both shortcuts are checked against the full computation and dropped
+    (online teacher / full forwards) when they do not reproduce it.
     """
     from .evaluate import plan_applied
 
-    head = model.get_output_embeddings()
-    if use_cache and not isinstance(head, torch.nn.Linear):
-        use_cache = False
-    out = _Precomputed([], [], prefix, use_cache)
+    head_is_last = _head_is_last(model, windows.input_ids[:1].to(device))
+    use_cache = use_cache and head_is_last
+    out = _Precomputed([], [], prefix, use_cache, head_is_last)
     if not (use_cache or prefix > 0):
         return out
+    decoder = _decoder_of(model)
     sink, handle = _capture_input(layers[prefix]) if prefix > 0 else ([], None)
-    head_sink: list = []
     try:
         with plan_applied(model, None, backend) if use_cache else nullcontext():
-            with _capture_head_input(model, head_sink) if use_cache else nullcontext():
-                for s in range(0, len(windows), batch_size):
-                    ids = windows.input_ids[s : s + batch_size].to(device)
-                    logits = model(input_ids=ids, use_cache=False).logits
-                    if use_cache:
-                        h = head_sink.pop()
-                        if not out.teacher_h:
-                            # the head of the captured input must be the model's logits (no scaling,
-                            # no soft-capping after it); else the teacher runs online
-                            got = F.linear(h, head.weight, head.bias)
-                            scale = float(logits.abs().max()) or 1.0
-                            if h.shape[:2] != ids.shape or not torch.allclose(got, logits, rtol=0.0, atol=1e-4 * scale):
-                                out.use_cache, use_cache = False, False
-                            del got
-                        if use_cache:
-                            out.teacher_h.extend(h.unbind(0))
-                    del logits
-                    if prefix > 0:
-                        out.prefix_h.extend(sink.pop().unbind(0))
+            for s in range(0, len(windows), batch_size):
+                ids = windows.input_ids[s : s + batch_size].to(device)
+                h = decoder(input_ids=ids, use_cache=False).last_hidden_state
+                if use_cache:
+                    out.teacher_h.extend(h.unbind(0))
+                if prefix > 0:
+                    out.prefix_h.extend(sink.pop().unbind(0))
+                del h
     finally:
         if handle is not None:
             handle.remove()
-    if not out.use_cache:
-        out.teacher_h = []
     if prefix > 0:
         # Starting at layer ``prefix`` from inputs_embeds must reproduce the converted model's full
         # forward (not so for models that scale embeddings inside forward, e.g. Gemma).
@@ -304,6 +310,36 @@ def _precompute(model, layers, windows, *, use_cache: bool, prefix: int, batch_s
         if not torch.allclose(got, ref, rtol=0.0, atol=1e-3 * scale):
             out.prefix, out.prefix_h = 0, []
     return out
+
+
+#: tokens per chunk of the loss: [chunk, V] logits at a time instead of [batch * T, V]
+LOSS_CHUNK = 256
+
+
+def _chunked_kl_backward(head, student_h: torch.Tensor, teacher_h: torch.Tensor, temperature: float,
+                         chunk: int = LOSS_CHUNK) -> float:
+    """T^2 * mean-token KL(teacher || student) over the [..., H] hidden states, with its backward.
+
+    The head (frozen) and the loss run ``chunk`` tokens at a time; each chunk's gradient flows
+    into the hidden states, and one backward through the model follows. The sum of the chunks'
+    losses is the loss of the whole batch, so this is the same gradient as one [n, V] loss, without
+    the [n, V] logits, log-probs and their gradients in memory at once.
+    """
+    h = student_h.reshape(-1, student_h.shape[-1])
+    t = teacher_h.reshape(-1, teacher_h.shape[-1])
+    n = h.shape[0]
+    leaf = h.detach().requires_grad_(True)
+    total = 0.0
+    for s in range(0, n, chunk):
+        with torch.no_grad():
+            tlogp = _head_log_probs(head, t[s : s + chunk], temperature)
+        logq = F.log_softmax(F.linear(leaf[s : s + chunk], head.weight, head.bias).float() / temperature, dim=-1)
+        loss = F.kl_div(logq, tlogp, reduction="sum", log_target=True) * (temperature**2 / n)
+        loss.backward()
+        total += float(loss.detach())
+        del tlogp, logq, loss
+    h.backward(leaf.grad)
+    return total
 
 
 def _batches_forever(num_windows: int, batch_size: int, seed: int):
@@ -331,6 +367,7 @@ def _train(pm, head, windows, pre: _Precomputed, res: DistillResult, *, steps, l
     res.trainable_params = sum(p.numel() for p in params)
     inner = pm.base_model.model
     inner_layers = decoder_layers(inner)
+    decoder = _decoder_of(inner)
     V = head.weight.shape[0]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     total = [steps]
@@ -344,27 +381,35 @@ def _train(pm, head, windows, pre: _Precomputed, res: DistillResult, *, steps, l
         while step < total[0]:
             idx = next(batches)
             ids = windows.input_ids[idx].to(device)
-            with torch.no_grad():
-                if pre.use_cache:
-                    tlogp = _head_log_probs(head, torch.stack([pre.teacher_h[i] for i in idx]), temperature)
-                else:
-                    with pm.disable_adapter(), plan_applied(inner, None, backend):
-                        tlogp = F.log_softmax(pm(input_ids=ids, use_cache=False).logits.float() / temperature, dim=-1)
-            with skip_layers(inner_layers, pre.prefix) if pre.prefix else nullcontext():
-                if pre.prefix:
-                    logits = pm(inputs_embeds=torch.stack([pre.prefix_h[i] for i in idx]), use_cache=False).logits
-                else:
-                    logits = pm(input_ids=ids, use_cache=False).logits
-            loss = _kl(logits.reshape(-1, V), tlogp.reshape(-1, V), temperature)
-            del logits, tlogp
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            if pre.head_is_last:
+                with torch.no_grad():
+                    if pre.use_cache:
+                        th = torch.stack([pre.teacher_h[i] for i in idx])
+                    else:
+                        with pm.disable_adapter(), plan_applied(inner, None, backend):
+                            th = decoder(input_ids=ids, use_cache=False).last_hidden_state
+                with skip_layers(inner_layers, pre.prefix) if pre.prefix else nullcontext():
+                    if pre.prefix:
+                        sh = decoder(inputs_embeds=torch.stack([pre.prefix_h[i] for i in idx]), use_cache=False)
+                    else:
+                        sh = decoder(input_ids=ids, use_cache=False)
+                loss = _chunked_kl_backward(head, sh.last_hidden_state, th, temperature)
+                del sh, th
+            else:  # logits that are not the head's output: one [n, V] loss of the full forwards
+                with torch.no_grad(), pm.disable_adapter(), plan_applied(inner, None, backend):
+                    tlogp = F.log_softmax(pm(input_ids=ids, use_cache=False).logits.float() / temperature, dim=-1)
+                logits = pm(input_ids=ids, use_cache=False).logits
+                full = _kl(logits.reshape(-1, V), tlogp.reshape(-1, V), temperature)
+                del logits, tlogp
+                full.backward()
+                loss = float(full.detach())
             if max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
             opt.step()
             sched.step()
             step += 1
-            res.losses.append(float(loss.detach()))
+            res.losses.append(loss)
             res.tokens_seen += ids.numel()
             bar.update(1)
             bar.set_postfix(loss=f"{res.losses[-1]:.4f}")

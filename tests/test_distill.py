@@ -189,19 +189,19 @@ def test_failure_during_training_leaves_the_model_as_it_was(teacher, monkeypatch
     snap = snapshot(model)
     calls = []
 
-    def failing_kl(*args, **kwargs):
+    def failing_loss(*args, **kwargs):
         calls.append(1)
         if len(calls) == 2:
             raise RuntimeError("injected failure in step 2")
-        return real_kl(*args, **kwargs)
+        return real_loss(*args, **kwargs)
 
-    real_kl = distill_module._kl
-    monkeypatch.setattr(distill_module, "_kl", failing_kl)
+    real_loss = distill_module._chunked_kl_backward
+    monkeypatch.setattr(distill_module, "_chunked_kl_backward", failing_loss)
     with pytest.raises(RuntimeError, match="injected"):
         distill(model, windows(), teacher=teacher, eval_windows=windows(2, 24, seed=3), **FAST)
     assert_unchanged(model, snap)
     assert not any("lora" in n for n, _ in model.named_modules())
-    monkeypatch.setattr(distill_module, "_kl", real_kl)
+    monkeypatch.setattr(distill_module, "_chunked_kl_backward", real_loss)
     res = distill(model, windows(), teacher=teacher, **{**FAST, "steps": 2})  # and it can be distilled again
     assert res.steps == 2 and ck.get_plan(model) == PLAN
 
@@ -212,3 +212,23 @@ def test_fixed_steps_by_default_and_flags_restored():
     res = distill(model, windows(), **{**FAST, "steps": 5})
     assert res.steps == 5 and res.settings["max_seconds"] is None
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+
+
+def test_chunked_loss_gives_the_gradient_of_the_whole_batch():
+    from cqil_kernels.distill import _chunked_kl_backward, _kl
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 50, bias=True)
+    for p in head.parameters():
+        p.requires_grad_(False)
+    x = torch.randn(3, 7, 8, requires_grad=True)
+    teacher_h = torch.randn(3, 7, 8)
+    w = torch.randn(8, 8)
+    loss = _chunked_kl_backward(head, x @ w, teacher_h, temperature=2.0, chunk=4)  # 21 rows: 4+4+...+1
+    got = x.grad.clone()
+    x.grad = None
+    tlogp = torch.log_softmax(head(teacher_h).reshape(-1, 50) / 2.0, -1)
+    ref = _kl(head(x @ w).reshape(-1, 50), tlogp, 2.0)
+    ref.backward()
+    assert loss == pytest.approx(float(ref), rel=1e-5)
+    torch.testing.assert_close(got, x.grad, atol=1e-6, rtol=1e-5)
