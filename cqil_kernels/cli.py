@@ -107,7 +107,8 @@ def _common(parser: argparse.ArgumentParser, seq_len: int = 1024, max_windows: i
     g.add_argument("--traceback", action="store_true", help="show the full traceback of errors")
 
 
-def _search_args(parser: argparse.ArgumentParser, groups_default: int | None) -> None:
+def _search_args(parser: argparse.ArgumentParser, groups_default: int | None, beam: int = 4,
+                 contiguous_top: int = 4) -> None:
     g = parser.add_argument_group("plan search")
     g.add_argument("--parallel", type=_int_at_least(2, "an integer >= 2"), default=2,
                    help="layers per group P (default 2)")
@@ -122,10 +123,10 @@ def _search_args(parser: argparse.ArgumentParser, groups_default: int | None) ->
     g.add_argument("--exclude", type=_layer_list, default=[], help="layers no group may touch, e.g. 0,1,-1")
     g.add_argument("--bypass", type=_nonneg_int, default=0, help="bypass distance d (default 0: plain CQIL)")
     g.add_argument("--seed", type=int, default=0, help="tie-break seed (default 0)")
-    g.add_argument("--beam", type=_positive_int, default=4, help="candidates measured jointly per step (default 4)")
+    g.add_argument("--beam", type=_positive_int, default=beam, help="candidates measured jointly per step (default %(default)s)")
     g.add_argument("--swap-rounds", type=_nonneg_int, default=0, help="rounds of trying to swap chosen groups (default 0)")
-    g.add_argument("--contiguous-top", type=_int_at_least(-1, "an integer >= -1"), default=4,
-                   help="contiguous windows measured for comparison (default 4; -1: all)")
+    g.add_argument("--contiguous-top", type=_int_at_least(-1, "an integer >= -1"), default=contiguous_top,
+                   help="contiguous windows measured for comparison (default %(default)s; -1: all)")
 
 
 def add_distill_arguments(parser, default_steps: int = 0, *, optional: bool = True, lr: float = 5e-4,
@@ -162,7 +163,10 @@ def add_distill_arguments(parser, default_steps: int = 0, *, optional: bool = Tr
 
 
 #: the main job's distillation (measured on SmolLM2, see README "What it costs in quality")
-MAIN_DISTILL = dict(default_steps=60, lr=1e-3, target="all", batch_size=4, seq_len=256, windows=64)
+MAIN_DISTILL = dict(default_steps=20, lr=1e-3, target="all", batch_size=4, seq_len=256, windows=48)
+#: the main job's search and evaluation: sized with the distillation to fit ~9 minutes on 2 CPU cores
+MAIN_SEARCH = dict(beam=2, contiguous_top=2)
+MAIN_WINDOWS = dict(calib=4, eval=12)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -227,9 +231,11 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, seq_len=512, max_windows=None)
     p.add_argument("--calib-text", default=None, help="calibration text (default: built-in, calibration half)")
     p.add_argument("--eval-text", default=None, help="evaluation text (default: built-in, evaluation half)")
-    p.add_argument("--calib-windows", type=_positive_int, default=6, help="calibration windows (default 6)")
-    p.add_argument("--eval-windows", type=_positive_int, default=12, help="evaluation windows (default 12)")
-    _search_args(p, groups_default=4)
+    p.add_argument("--calib-windows", type=_positive_int, default=MAIN_WINDOWS["calib"],
+                   help="calibration windows (default %(default)s)")
+    p.add_argument("--eval-windows", type=_positive_int, default=MAIN_WINDOWS["eval"],
+                   help="evaluation windows (default %(default)s)")
+    _search_args(p, groups_default=4, **MAIN_SEARCH)
     p.add_argument("--prompt", type=_prompt, default=DEFAULT_PROMPT, help="prompt for the generated sample")
     p.add_argument("--max-new-tokens", type=_positive_int, default=32, help="tokens to generate (default 32)")
     p.add_argument("--out", default="reports", help="report folder (default reports/)")
