@@ -9,7 +9,9 @@ the same decisions, and so the same number of launches, as on the GPU.
     python benchmarks/launch_count.py --device cuda --shapes smollm2-135m llama-7b
 
 Counting rules: ``cqil_kernels.launches.LaunchCounter`` (one kernel per working aten op, one per
-Triton launch; custom-op internals are seen only through their Triton launches).
+Triton launch; custom-op internals are seen only through their Triton launches). On the CPU the
+aten part is a count of torch ops run on the host, not of kernel launches: it is what those ops
+would launch on a GPU if each were one kernel. The output says so.
 """
 
 from __future__ import annotations
@@ -44,6 +46,14 @@ from cqil_kernels.ops import _common
 from cqil_kernels.report import environment, write_json
 
 H100_SMS = 132
+
+#: what the "launches" column is, said next to the numbers
+COUNTING_NOTE = {
+    "cpu": "'launches' = torch ops run on the host (one per working aten op, not kernel launches: none "
+           "happen on the CPU) + interpreted Triton launches; an estimate of the GPU's kernels",
+    "gpu": "'launches' = working aten ops (one kernel each assumed; cuBLAS split-K and multi-kernel ops "
+           "not seen) + Triton launches",
+}
 
 
 def count_step(model, backend: str, batch: int, prompt: int, device) -> dict:
@@ -86,6 +96,8 @@ def main(argv=None) -> int:
         torch.set_num_threads(1)
         _common.SM_COUNT_OVERRIDE = H100_SMS
     rows = []
+    counting = COUNTING_NOTE["cpu" if device.type == "cpu" else "gpu"]
+    print(f"counting: {counting}")
     print(f"{'shape':<14} {'backend':<7} {'plan':<16} {'steps':>5} {'launches':>8} {'per step':>8} {'triton':>6} {'syncs':>5}")
     for shape in shapes:
         for backend in args.backends:
@@ -102,7 +114,7 @@ def main(argv=None) -> int:
                 del model
     if args.out:
         write_json({"environment": environment(device), "sm_count_assumed": H100_SMS if device.type == "cpu" else None,
-                              "batch": args.batch, "prompt": args.prompt, "rows": rows}, args.out)
+                    "counting": counting, "batch": args.batch, "prompt": args.prompt, "rows": rows}, args.out)
     return 0
 
 

@@ -24,7 +24,7 @@ from .conversion import decoder_layers
 from .evaluate import compare_plans
 from .plan import CQILPlan
 
-__all__ = ["GroupCost", "LayerAnalysis", "analyze", "candidate_groups"]
+__all__ = ["GroupCost", "LayerAnalysis", "analyze", "candidate_groups", "resolve_layers"]
 
 METRICS = ("kl", "ppl")
 
@@ -150,11 +150,37 @@ class LayerAnalysis:
                 text = f.read()
         return cls.from_dict(json.loads(text))
 
-    def plot(self, path) -> None:
-        """Write a PNG: similarity heatmap (adjacent pairs outlined) and per-group cost bars."""
+    def plot(self, path, plan: CQILPlan | None = None) -> None:
+        """Write a PNG: similarity heatmap (adjacent pairs outlined) and per-group cost bars; the
+        groups of ``plan`` (e.g. the one a search chose) are marked in both."""
         from .report import plot_analysis
 
-        plot_analysis(self, path)
+        plot_analysis(self, path, plan=plan)
+
+
+def resolve_layers(layers, num_layers: int, what: str = "layer") -> list[int]:
+    """Layer indices in ``[-L, L)`` (negative: from the last layer) -> sorted unique ``[0, L)``.
+
+    Raises TypeError for a non-integer and ValueError for an index out of range, naming ``what``.
+    """
+    if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__"):
+        raise TypeError(f"{what} must be a list of layer indices, got {layers!r}")
+    out = set()
+    for v in layers:
+        if isinstance(v, bool) or not isinstance(v, int):
+            try:
+                import numpy as np
+
+                if isinstance(v, np.integer):
+                    v = int(v)
+            except ImportError:  # pragma: no cover
+                pass
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"{what} must hold layer indices (ints), got {v!r}")
+        if not -num_layers <= v < num_layers:
+            raise ValueError(f"{what}: layer {v} is out of range for a model with {num_layers} layers")
+        out.add(v % num_layers)
+    return sorted(out)
 
 
 def candidate_groups(num_layers: int, parallel: int, exclude=()) -> list[tuple[int, ...]]:
@@ -212,9 +238,14 @@ def analyze(
         model: a HF causal LM (converted or not; analysed as its sequential original, state restored).
         windows: calibration ``TokenWindows`` [W, T].
         parallel: group size P; candidates are the L-P+1 runs of P adjacent layers.
-        bypass: bypass distance d used when measuring each candidate.
-        exclude: layers no candidate may touch (their candidates are not measured).
+        bypass: bypass distance d used when measuring each candidate, ``0 <= d < parallel``.
+        exclude: layers no candidate may touch (their candidates are not measured); indices in
+            ``[-L, L)``, negative ones counted from the last layer.
         measure_costs: False computes only the similarity (one forward per batch).
+
+    Raises:
+        TypeError / ValueError: a bad argument, checked before the model is touched (the model
+        is restored to its own plan and backend after the measurement, also after an error).
 
     Returns:
         LayerAnalysis with ``similarity`` [L][L] and ``costs`` (one per candidate).
@@ -226,7 +257,15 @@ def analyze(
     """
     t0 = time.perf_counter()
     num_layers = len(decoder_layers(model))
-    groups = candidate_groups(num_layers, parallel, exclude) if measure_costs else []
+    exclude = resolve_layers(exclude, num_layers, "exclude")
+    if isinstance(parallel, bool) or not isinstance(parallel, int):
+        raise TypeError(f"parallel must be an int, got {parallel!r}")
+    if isinstance(bypass, bool) or not isinstance(bypass, int) or not 0 <= bypass < max(parallel, 1):
+        raise ValueError(f"bypass must be an int in [0, parallel-1={parallel - 1}], got {bypass!r}")
+    if not isinstance(measure_costs, bool):
+        raise TypeError(f"measure_costs must be True or False, got {measure_costs!r}")
+    candidates = candidate_groups(num_layers, parallel, exclude)  # checks parallel
+    groups = candidates if measure_costs else []
     plans = [CQILPlan([list(g)], bypass=bypass) for g in groups]
     sim = _SimilarityAccumulator(num_layers)
     base, results = compare_plans(
@@ -243,7 +282,7 @@ def analyze(
         similarity=sim.matrix().tolist(),
         base_perplexity=base.perplexity,
         costs=costs,
-        exclude=sorted(int(e) for e in exclude),
+        exclude=exclude,
         text=windows.to_dict(),
         seconds=time.perf_counter() - t0,
     )

@@ -1,48 +1,78 @@
-"""Command line: ``python -m cqil_kernels analyze|search|eval|generate|main``.
+"""Command line: ``python -m cqil_kernels analyze|search|eval|generate|main|distill``.
 
 Every command works offline on the embedded SmolLM2-135M by default (``--model`` takes a local HF
-directory or a .gguf file instead). Errors the user can fix (missing file, bad plan, unknown
-model) print one line naming the problem and exit with status 2.
+directory or a .gguf file instead). Errors the user can fix (missing or unreadable file, bad plan,
+unknown model or device, an output path that cannot be written) print one line naming the
+problem and exit with status 2. Arguments, text files, plan files and output paths are checked
+before the model loads, so a typo costs milliseconds, not the loading and the work before it.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
-from .distill import add_distill_arguments, run_distill_from_args  # peft is imported only when distilling
-
-__all__ = ["main", "build_parser", "generate_text"]
+__all__ = ["main", "build_parser", "generate_text", "add_distill_arguments", "run_distill_from_args"]
 
 EXIT_USAGE = 2
 DEFAULT_PROMPT = "Explain in two sentences why the sky is blue."
+BACKENDS = ("auto", "torch", "triton")
+
+#: ``--rank-metric`` values and what they rank by (for the search table's headline)
+RANK_METRICS = {"kl": "KL(base || converted)", "ppl": "perplexity increase"}
 
 
 class CLIError(Exception):
     """A problem with the user's input; printed without a traceback, exit status 2."""
 
 
-# ------------------------------------------------------------------------------------ arguments
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad argument in one line (exit status 2), like every other CLI error."""
+
+    def error(self, message):  # noqa: D401 - argparse's hook
+        self.exit(EXIT_USAGE, f"error: {message} (see {self.prog} --help)\n")
 
 
-def _nonneg_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
-    return value
+# ------------------------------------------------------------------------------------ argument types
+def _int_at_least(minimum: int, what: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
+        return value
+
+    parse.__name__ = what  # argparse names the type in its messages
+    return parse
+
+
+_positive_int = _int_at_least(1, "a positive integer")
+_nonneg_int = _int_at_least(0, "an integer >= 0")
+
+
+def _float_at_least(minimum: float, strict: bool, what: str):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not math.isfinite(value) or value < minimum or (strict and value == minimum):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
+        return value
+
+    parse.__name__ = what
+    return parse
+
+
+_positive_float = _float_at_least(0.0, True, "a number > 0")
+_nonneg_float = _float_at_least(0.0, False, "a number >= 0")
 
 
 def _layer_list(text: str) -> list[int]:
@@ -53,46 +83,94 @@ def _layer_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated layer indices, got {text!r}") from None
 
 
+def _prompt(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("the prompt is empty")
+    return text
+
+
 def _common(parser: argparse.ArgumentParser, seq_len: int = 1024, max_windows: int | None = None) -> None:
     g = parser.add_argument_group("model and text")
     g.add_argument("--model", default=None, help="'smollm2' (default: embedded SmolLM2-135M-Instruct GGUF), "
                    "a local HuggingFace directory, or a .gguf file; never downloaded")
     g.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
     g.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    g.add_argument("--backend", default="auto", help="CQIL backend for converted groups: auto, torch, triton")
-    g.add_argument("--seq-len", type=_positive_int, default=seq_len, help=f"tokens per window (default {seq_len})")
+    g.add_argument("--backend", default="auto", choices=BACKENDS, help="CQIL backend for converted groups (default auto)")
+    g.add_argument("--seq-len", type=_int_at_least(2, "an integer >= 2"), default=seq_len,
+                   help=f"tokens per window (default {seq_len})")
     g.add_argument("--stride", type=_positive_int, default=None,
                    help="tokens between window starts (default: seq-len, non-overlapping)")
     g.add_argument("--max-windows", type=_positive_int, default=max_windows,
                    help=f"windows of text to use (default {max_windows or 'all'})")
     g.add_argument("--batch-size", type=_positive_int, default=2, help="windows per forward (default 2)")
-    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars (model loading included)")
     g.add_argument("--traceback", action="store_true", help="show the full traceback of errors")
 
 
-def _search_args(parser: argparse.ArgumentParser, groups_default: int | None) -> None:
+def _search_args(parser: argparse.ArgumentParser, groups_default: int | None, beam: int = 4,
+                 contiguous_top: int = 4) -> None:
     g = parser.add_argument_group("plan search")
-    g.add_argument("--parallel", type=_positive_int, default=2, help="layers per group P (default 2)")
+    g.add_argument("--parallel", type=_int_at_least(2, "an integer >= 2"), default=2,
+                   help="layers per group P (default 2)")
     g.add_argument("--groups", type=_positive_int, default=groups_default,
                    help=f"number of groups N (default {groups_default or 'as many as the budget allows'})")
     g.add_argument("--budget", type=_nonneg_float, default=None,
                    help="quality budget of the whole plan on calibration text: relative perplexity "
                    "increase (0.1 = +10%%) or mean KL in nats, see --budget-metric")
     g.add_argument("--budget-metric", choices=["ppl", "kl"], default="ppl", help="what --budget limits (default ppl)")
-    g.add_argument("--rank-metric", choices=["kl", "ppl"], default="kl",
+    g.add_argument("--rank-metric", choices=list(RANK_METRICS), default="kl",
                    help="cost that ranks candidates (default kl: KL(base||converted))")
     g.add_argument("--exclude", type=_layer_list, default=[], help="layers no group may touch, e.g. 0,1,-1")
-    g.add_argument("--bypass", type=int, default=0, help="bypass distance d (default 0: plain CQIL)")
+    g.add_argument("--bypass", type=_nonneg_int, default=0, help="bypass distance d (default 0: plain CQIL)")
     g.add_argument("--seed", type=int, default=0, help="tie-break seed (default 0)")
-    g.add_argument("--beam", type=_positive_int, default=4, help="candidates measured jointly per step (default 4)")
-    g.add_argument("--swap-rounds", type=int, default=0, help="rounds of trying to swap chosen groups (default 0)")
-    g.add_argument("--contiguous-top", type=int, default=4,
-                   help="contiguous windows measured for comparison (default 4; -1: all)")
+    g.add_argument("--beam", type=_positive_int, default=beam, help="candidates measured jointly per step (default %(default)s)")
+    g.add_argument("--swap-rounds", type=_nonneg_int, default=0, help="rounds of trying to swap chosen groups (default 0)")
+    g.add_argument("--contiguous-top", type=_int_at_least(-1, "an integer >= -1"), default=contiguous_top,
+                   help="contiguous windows measured for comparison (default %(default)s; -1: all)")
 
+
+def add_distill_arguments(parser, default_steps: int = 0, *, optional: bool = True, lr: float = 5e-4,
+                          target: str = "grouped", batch_size: int = 4, seq_len: int = 256, windows: int = 64,
+                          rank: int = 16):
+    """Add the ``--distill-*`` options to an argparse parser (group "distillation").
+
+    ``optional``: ``--distill-steps 0`` turns distillation off (else steps must be >= 1). The
+    other keywords are the defaults the options get, and that their help shows.
+    """
+    g = parser.add_argument_group("distillation (LoRA + KL to the unconverted model)")
+    g.add_argument("--distill-steps", type=_nonneg_int if optional else _positive_int, default=default_steps,
+                   help="optimizer steps (default %(default)s" + ("; 0: no distillation)" if optional else ")"))
+    g.add_argument("--distill-lr", type=_positive_float, default=lr, help="AdamW learning rate (default %(default)s)")
+    g.add_argument("--distill-rank", type=_positive_int, default=rank, help="LoRA rank (default %(default)s)")
+    g.add_argument("--distill-alpha", type=_positive_float, default=None, help="LoRA alpha (default 2 * rank)")
+    g.add_argument("--distill-target", choices=["grouped", "all"], default=target,
+                   help="layers that get adapters (default %(default)s)")
+    g.add_argument("--distill-batch-size", type=_positive_int, default=batch_size,
+                   help="windows per step (default %(default)s)")
+    g.add_argument("--distill-seq-len", type=_int_at_least(2, "an integer >= 2"), default=seq_len,
+                   help="tokens per window (default %(default)s)")
+    g.add_argument("--distill-windows", type=_positive_int, default=windows,
+                   help="distillation windows (default %(default)s)")
+    g.add_argument("--distill-text", default=None,
+                   help="distillation text (default: the calibration text, else built-in calibration half)")
+    g.add_argument("--distill-temperature", type=_positive_float, default=1.0, help="KL temperature (default 1)")
+    g.add_argument("--distill-max-seconds", type=_nonneg_float, default=0.0,
+                   help="optional training time budget in seconds: fewer steps when the machine is slower, so "
+                   "the result depends on its speed (default 0: none, exactly --distill-steps)")
+    g.add_argument("--distill-seed", type=int, default=0, help="LoRA init / window order seed (default 0)")
+    g.add_argument("--distill-out", default=None, help="write the DistillResult JSON here")
+    return parser
+
+
+#: the main job's distillation (measured on SmolLM2, see README "What it costs in quality")
+MAIN_DISTILL = dict(default_steps=20, lr=1e-3, target="all", batch_size=4, seq_len=256, windows=48)
+#: the main job's search and evaluation: sized with the distillation to fit ~9 minutes on 2 CPU cores
+MAIN_SEARCH = dict(beam=2, contiguous_top=2)
+MAIN_WINDOWS = dict(calib=4, eval=12)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _ArgumentParser(
         prog="python -m cqil_kernels",
         description="CQIL plan analysis, search, evaluation and generation (offline, CPU friendly).",
     )
@@ -105,8 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, max_windows=4)
     p.add_argument("--text", "--calib-text", dest="text", default=None,
                    help="calibration text file (UTF-8; default: built-in text, calibration half)")
-    p.add_argument("--parallel", type=_positive_int, default=2, help="layers per group (default 2)")
-    p.add_argument("--bypass", type=int, default=0, help="bypass distance d (default 0)")
+    p.add_argument("--parallel", type=_int_at_least(2, "an integer >= 2"), default=2, help="layers per group (default 2)")
+    p.add_argument("--bypass", type=_nonneg_int, default=0, help="bypass distance d (default 0)")
     p.add_argument("--exclude", type=_layer_list, default=[], help="layers not to measure, e.g. 0,-1")
     p.add_argument("--no-costs", action="store_true", help="similarity only (one forward per window)")
     p.add_argument("--out", default="reports/analysis.json", help="JSON output (default reports/analysis.json)")
@@ -139,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "has one), with the converted and, unless --no-base, the sequential model.")
     _common(p)
     p.add_argument("--plan", default=None, help="plan JSON (default: none, the sequential model)")
-    p.add_argument("--prompt", default=DEFAULT_PROMPT, help="the prompt")
+    p.add_argument("--prompt", type=_prompt, default=DEFAULT_PROMPT, help="the prompt (not empty)")
     p.add_argument("--max-new-tokens", type=_positive_int, default=48, help="tokens to generate (default 48)")
     p.add_argument("--no-chat-template", action="store_true", help="use the prompt as raw text")
     p.add_argument("--no-base", action="store_true", help="do not also generate with the sequential model")
@@ -148,21 +226,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("main", help="the whole job: analyze, search, convert, evaluate, generate, report",
                        description="End to end on the model: analyze and search on calibration text, "
-                       "convert, evaluate on different text, generate a sample, print a table and "
-                       "write JSON + PNG reports into --out.")
+                       "convert, evaluate on different text, generate a sample, recover quality by "
+                       "distillation, print a table and write JSON + PNG reports into --out.")
     _common(p, seq_len=512, max_windows=None)
     p.add_argument("--calib-text", default=None, help="calibration text (default: built-in, calibration half)")
     p.add_argument("--eval-text", default=None, help="evaluation text (default: built-in, evaluation half)")
-    p.add_argument("--calib-windows", type=_positive_int, default=6, help="calibration windows (default 6)")
-    p.add_argument("--eval-windows", type=_positive_int, default=12, help="evaluation windows (default 12)")
-    _search_args(p, groups_default=4)
-    p.add_argument("--prompt", default=DEFAULT_PROMPT, help="prompt for the generated sample")
+    p.add_argument("--calib-windows", type=_positive_int, default=MAIN_WINDOWS["calib"],
+                   help="calibration windows (default %(default)s)")
+    p.add_argument("--eval-windows", type=_positive_int, default=MAIN_WINDOWS["eval"],
+                   help="evaluation windows (default %(default)s)")
+    _search_args(p, groups_default=4, **MAIN_SEARCH)
+    p.add_argument("--prompt", type=_prompt, default=DEFAULT_PROMPT, help="prompt for the generated sample")
     p.add_argument("--max-new-tokens", type=_positive_int, default=32, help="tokens to generate (default 32)")
     p.add_argument("--out", default="reports", help="report folder (default reports/)")
-    # On by default: the measured setting that recovers most within the CPU budget (SmolLM2, 4 pairs:
-    # +24.7% -> +16.9% held-out perplexity, 60 steps on all layers, ~4 min); --distill-steps 0 skips it.
-    add_distill_arguments(p, default_steps=60)
-    p.set_defaults(func=cmd_main, distill_lr=1e-3, distill_target="all")
+    # On by default, a fixed number of steps (deterministic); --distill-steps 0 skips it.
+    add_distill_arguments(p, **MAIN_DISTILL)
+    p.set_defaults(func=cmd_main)
 
     p = sub.add_parser("distill", help="recover quality: LoRA + KL distillation of a converted plan",
                        description="Convert to --plan, train LoRA adapters on calibration text to match "
@@ -174,9 +253,93 @@ def build_parser() -> argparse.ArgumentParser:
                    help="distillation text (default: built-in text, calibration half)")
     p.add_argument("--eval-text", default=None, help="evaluation text (default: built-in text, evaluation half)")
     p.add_argument("--out", default=None, help="save the distilled converted model here (save_pretrained)")
-    add_distill_arguments(p, default_steps=200)
+    add_distill_arguments(p, default_steps=200, optional=False)
     p.set_defaults(func=cmd_distill)
     return parser
+
+
+# ------------------------------------------------------------------------------------ checks before loading
+def _check_out_dir(path, what: str) -> None:
+    """``path`` is, or can be created as, a writable folder (nothing is created here)."""
+    p = Path(os.fspath(path)).expanduser().absolute()
+    if p.exists():
+        if not p.is_dir():
+            raise CLIError(f"{what} {path} exists and is not a folder")
+        if not os.access(p, os.W_OK | os.X_OK):
+            raise CLIError(f"{what} {path} is not writable")
+        return
+    ancestor = p.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise CLIError(f"{what} {path} cannot be created: {ancestor} is a file, not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise CLIError(f"{what} {path} cannot be created: {ancestor} is not writable")
+
+
+def _check_out_file(path, what: str) -> None:
+    """``path`` can be written as a file: not a folder, and its folder exists or can be created."""
+    if path is None:
+        return
+    p = Path(os.fspath(path)).expanduser()
+    if p.is_dir():
+        raise CLIError(f"{what} {path} is a folder; give a file name")
+    if p.exists() and not os.access(p, os.W_OK):
+        raise CLIError(f"{what} {path} is not writable")
+    _check_out_dir(p.parent, f"folder of {what}")
+
+
+def _check_text_file(path, what: str) -> None:
+    from .texts import read_text
+
+    if path is None:
+        return
+    if Path(path).is_dir():
+        raise CLIError(f"{what} {path} is a folder, not a text file")
+    read_text(path)  # FileNotFoundError / ValueError (not UTF-8, empty) name the problem
+
+
+def _read_plan_file(path):
+    """A plan JSON file -> CQILPlan (structure checked; the layer range once the model is known)."""
+    import json
+
+    from .plan import CQILPlan
+
+    if path is None:
+        return None
+    p = Path(path)
+    if not p.exists():
+        raise CLIError(f"plan file not found: {path}")
+    if not p.is_file():
+        raise CLIError(f"plan path {path} is a folder, not a plan JSON file")
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise CLIError(f"plan file {path} is not UTF-8 text: {e}") from None
+    except json.JSONDecodeError as e:
+        raise CLIError(f"plan file {path} is not valid JSON: {e}") from None
+    try:
+        return CQILPlan.from_dict(data)
+    except (ValueError, TypeError) as e:
+        raise CLIError(f"bad plan {path}: {e}") from None
+
+
+def _check_plan_fits(plan, path, num_layers: int) -> None:
+    if plan is None:
+        return
+    try:
+        plan.validate_for(num_layers)
+    except ValueError as e:
+        raise CLIError(f"bad plan {path}: {e}") from None
+
+
+def _check_model_args(args) -> None:
+    """Device, dtype and the model spec: checked in milliseconds, before anything loads."""
+    from .loading import check_model_spec, parse_device, parse_dtype
+
+    parse_device(args.device)
+    parse_dtype(args.dtype)
+    check_model_spec(args.model)
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -188,41 +351,28 @@ def _load(args):
     from .loading import load_model
 
     t0 = time.perf_counter()
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device, progress=_progress(args))
     _log(f"loaded {args.model or 'smollm2 (embedded)'}: {model.config.num_hidden_layers} layers "
          f"in {time.perf_counter() - t0:.1f} s")
     return model, tokenizer
 
 
-def _windows(args, tokenizer, path, split, max_windows):
+def _windows(args, tokenizer, path, split, max_windows, seq_len=None):
     from .texts import load_windows
 
-    windows = load_windows(tokenizer, path, split=split, seq_len=args.seq_len, stride=args.stride,
+    windows = load_windows(tokenizer, path, split=split, seq_len=seq_len or args.seq_len, stride=args.stride,
                            max_windows=max_windows)
     _log(f"text {windows.source}: {len(windows)} windows x {windows.seq_len} tokens, {windows.num_scored} scored")
     return windows
 
 
 def _resolve_layers(layers: list[int], num_layers: int) -> list[int]:
-    out = []
-    for v in layers:
-        if not -num_layers <= v < num_layers:
-            raise CLIError(f"layer {v} is out of range for a model with {num_layers} layers")
-        out.append(v % num_layers)
-    return sorted(set(out))
+    from .analysis import resolve_layers
 
-
-def _read_plan(path, num_layers: int):
-    from .plan import CQILPlan
-
-    if path is None:
-        return None
     try:
-        plan = CQILPlan.from_json(Path(path))
-        plan.validate_for(num_layers)
+        return resolve_layers(layers, num_layers, "--exclude")
     except (ValueError, TypeError) as e:
-        raise CLIError(f"bad plan {path}: {e}") from None
-    return plan
+        raise CLIError(str(e)) from None
 
 
 def _log(message: str) -> None:
@@ -239,15 +389,24 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 48, chat_
     """Greedy continuation of ``prompt``; returns text, token counts, seconds and tokens/s.
 
     With ``chat_template`` and a tokenizer that has one, the prompt is a user message.
+
+    Raises:
+        ValueError: an empty prompt, or ``max_new_tokens`` not a positive int.
     """
     import torch
 
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError(f"prompt must be a non-empty string, got {prompt!r}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
     if chat_template and getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                              add_generation_prompt=True)
     else:
         text = prompt
     enc = tokenizer(text, return_tensors="pt", add_special_tokens=not chat_template)
+    if enc["input_ids"].shape[1] == 0:
+        raise ValueError(f"prompt {prompt!r} tokenizes to no tokens")
     device = next(model.parameters()).device
     ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -267,10 +426,49 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 48, chat_
     }
 
 
+def _distill_text(args):
+    """The text distillation reads: --distill-text, else the calibration text, else the built-in half."""
+    return args.distill_text or getattr(args, "calib_text", None) or getattr(args, "text", None)
+
+
+def run_distill_from_args(args, model, tokenizer, plan=None, eval_windows=None):
+    """Distill ``model`` as the ``--distill-*`` options say; returns the DistillResult.
+
+    ``model`` is converted in place to ``plan`` when it is not converted yet. Writes
+    ``--distill-out`` when given.
+    """
+    from .conversion import convert, get_plan
+    from .distill import distill
+    from .texts import load_windows
+
+    if get_plan(model) is None:
+        if plan is None:
+            raise ValueError("model is not converted and no plan was given")
+        convert(model, plan, backend=getattr(args, "backend", "auto"))
+    windows = load_windows(tokenizer, _distill_text(args), split="calib", seq_len=args.distill_seq_len,
+                           max_windows=args.distill_windows)
+    res = distill(
+        model, windows, rank=args.distill_rank, alpha=args.distill_alpha, target=args.distill_target,
+        steps=args.distill_steps, lr=args.distill_lr, batch_size=args.distill_batch_size,
+        temperature=args.distill_temperature, seed=args.distill_seed,
+        max_seconds=args.distill_max_seconds or None, eval_windows=eval_windows,
+        eval_batch_size=getattr(args, "batch_size", 2), progress=_progress(args),
+    )
+    res.settings["text"] = windows.to_dict()
+    if args.distill_out:
+        res.to_json(args.distill_out)
+    return res
+
+
 # ------------------------------------------------------------------------------------ commands
 def cmd_analyze(args) -> int:
     from .analysis import analyze
 
+    _check_model_args(args)
+    _check_text_file(args.text, "calibration text")
+    _check_out_file(args.out, "--out")
+    png = Path(args.plot) if args.plot else Path(args.out).with_suffix(".png")
+    _check_out_file(png, "--plot")
     model, tok = _load(args)
     exclude = _resolve_layers(args.exclude, _num_layers(model))
     windows = _windows(args, tok, args.text, "calib", args.max_windows)
@@ -280,7 +478,6 @@ def cmd_analyze(args) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     result.to_json(out)
-    png = Path(args.plot) if args.plot else out.with_suffix(".png")
     result.plot(png)
     from .report import format_table
 
@@ -291,12 +488,23 @@ def cmd_analyze(args) -> int:
     return 0
 
 
+def _search_kwargs(args) -> dict:
+    return dict(budget_metric=args.budget_metric, rank_metric=args.rank_metric, bypass=args.bypass, seed=args.seed,
+                beam=args.beam, swap_rounds=args.swap_rounds,
+                contiguous_top=None if args.contiguous_top < 0 else args.contiguous_top,
+                batch_size=args.batch_size, progress=_progress(args), backend=args.backend)
+
+
 def cmd_search(args) -> int:
     from .analysis import LayerAnalysis
     from .search import search
 
     if args.groups is None and args.budget is None:
         raise CLIError("give --groups N, --budget B, or both")
+    _check_model_args(args)
+    _check_text_file(args.text, "calibration text")
+    _check_out_file(args.out, "--out")
+    _check_out_file(args.report, "--report")
     analysis = None
     if args.analysis:
         if not Path(args.analysis).is_file():
@@ -308,32 +516,38 @@ def cmd_search(args) -> int:
     model, tok = _load(args)
     exclude = _resolve_layers(args.exclude, _num_layers(model))
     windows = _windows(args, tok, args.text, "calib", args.max_windows)
-    result = search(model, windows, args.parallel, args.groups, args.budget, budget_metric=args.budget_metric,
-                    rank_metric=args.rank_metric, exclude=exclude, bypass=args.bypass, seed=args.seed,
-                    beam=args.beam, swap_rounds=args.swap_rounds,
-                    contiguous_top=None if args.contiguous_top < 0 else args.contiguous_top,
-                    analysis=analysis, batch_size=args.batch_size, progress=_progress(args), backend=args.backend)
+    result = search(model, windows, args.parallel, args.groups, args.budget, exclude=exclude, analysis=analysis,
+                    **_search_kwargs(args))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     result.plan.to_json(out)
     if args.report:
         Path(args.report).parent.mkdir(parents=True, exist_ok=True)
         result.to_json(args.report)
-    _print_search(result, _num_layers(model))
+    _print_search(result, _num_layers(model), args.rank_metric)
     print(f"wrote {out}" + (f" and {args.report}" if args.report else ""))
     return 0
 
 
-def _print_search(result, num_layers: int) -> None:
+def _print_search(result, num_layers: int, rank_metric: str) -> None:
+    """The calibration table of a search, headed by the metric that ranked the candidates."""
     from .report import format_table
 
+    metric = (result.settings or {}).get("rank_metric", rank_metric)
+    print(f"search: candidates ranked by {RANK_METRICS.get(metric, metric)} on the calibration text "
+          f"(--rank-metric {metric})")
     rows = [["search", _groups_str(result.plan.groups), result.plan.num_sequential_steps(num_layers),
-             result.calib["ppl_increase"] * 100, result.calib["kl"], result.calib["top1_agreement"]]]
+             result.calib["kl"], result.calib["ppl_increase"] * 100, result.calib["top1_agreement"]]]
     if result.best_contiguous:
         c = result.best_contiguous
         rows.append(["best contiguous", _groups_str(c["groups"]), num_layers - sum(len(g) - 1 for g in c["groups"]),
-                     c["ppl_increase"] * 100, c["kl"], c["top1_agreement"]])
-    print(format_table(["calibration", "groups", "steps", "ppl %", "KL", "top-1"], rows))
+                     c["kl"], c["ppl_increase"] * 100, c["top1_agreement"]])
+    header = ["calibration", "groups", "steps", "KL", "ppl %", "top-1"]
+    if metric == "ppl":  # the ranking metric comes first
+        header[3], header[4] = header[4], header[3]
+        for r in rows:
+            r[3], r[4] = r[4], r[3]
+    print(format_table(header, rows))
 
 
 def _groups_str(groups) -> str:
@@ -344,8 +558,12 @@ def cmd_eval(args) -> int:
     from .evaluate import compare_plans
     from .report import format_table
 
+    _check_model_args(args)
+    plan = _read_plan_file(args.plan)
+    _check_text_file(args.text, "evaluation text")
+    _check_out_file(args.out, "--out")
     model, tok = _load(args)
-    plan = _read_plan(args.plan, _num_layers(model))
+    _check_plan_fits(plan, args.plan, _num_layers(model))
     windows = _windows(args, tok, args.text, "eval", args.max_windows)
     base, (conv,) = compare_plans(model, windows, [plan], batch_size=args.batch_size, progress=_progress(args),
                                   backend=args.backend, reuse_prefix=False, desc="evaluating")
@@ -368,8 +586,11 @@ def cmd_eval(args) -> int:
 def cmd_generate(args) -> int:
     from .evaluate import plan_applied
 
+    _check_model_args(args)
+    plan = _read_plan_file(args.plan)
+    _check_out_file(args.out, "--out")
     model, tok = _load(args)
-    plan = _read_plan(args.plan, _num_layers(model))
+    _check_plan_fits(plan, args.plan, _num_layers(model))
     results = {}
     variants = [("cqil", plan)] + ([] if args.no_base or plan is None else [("base", None)])
     for name, p in variants:
@@ -388,66 +609,149 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def cmd_main(args) -> int:
-    """analyze -> search -> convert -> evaluate on other text -> generate -> table + reports."""
-    from .evaluate import compare_plans, plan_applied
-    from .plan import CQILPlan
-    from .report import environment, format_table, write_json
+# ---- the main job, one function per stage (search -> evaluate -> samples -> distill -> report)
+class _StageClock:
+    """Wall seconds, CPU seconds (user + sys, every thread) and peak memory of each stage.
+
+    CPU seconds say what a stage costs when the machine is shared (wall time then grows with the
+    other load; CPU time much less). Peak memory is the resident set's high-water mark, reset at
+    the start of each stage where Linux allows it (``/proc/self/clear_refs``), else the process's.
+    """
+
+    def __init__(self):
+        self.wall: dict = {}
+        self.cpu: dict = {}
+        self.peak_rss_mb: dict = {}
+        self._t0 = time.perf_counter()
+        self._c0 = time.process_time()
+
+    @contextmanager
+    def __call__(self, name: str):
+        _reset_peak_rss()
+        w0, c0 = time.perf_counter(), time.process_time()
+        try:
+            yield
+        finally:
+            self.wall[name] = time.perf_counter() - w0
+            self.cpu[name] = time.process_time() - c0
+            self.peak_rss_mb[name] = _peak_rss_mb()
+
+    def finish(self) -> None:
+        self.wall["total"] = time.perf_counter() - self._t0
+        self.cpu["total"] = time.process_time() - self._c0
+        self.peak_rss_mb["total"] = max(self.peak_rss_mb.values(), default=_peak_rss_mb())
+
+
+def _reset_peak_rss() -> None:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current resident set
+    except OSError:
+        pass
+
+
+def _peak_rss_mb() -> float:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+
+
+def _main_search(args, model, calib, exclude, out: Path):
+    """Analyze + search on the calibration windows; writes analysis.json/.png, plan.json, search.json."""
     from .search import search
 
-    t_start = time.perf_counter()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    if args.calib_text is not None and args.calib_text == args.eval_text:
-        _log("warning: calibration and evaluation use the same file; the perplexity is not held out")
-    timings = {}
-    model, tok = _load(args)
-    timings["load"] = time.perf_counter() - t_start
-    n = _num_layers(model)
-    exclude = _resolve_layers(args.exclude, n)
-    calib = _windows(args, tok, args.calib_text, "calib", args.calib_windows)
-    evalw = _windows(args, tok, args.eval_text, "eval", args.eval_windows)
-
-    t0 = time.perf_counter()
-    result = search(model, calib, args.parallel, args.groups, args.budget, budget_metric=args.budget_metric,
-                    rank_metric=args.rank_metric, exclude=exclude, bypass=args.bypass, seed=args.seed,
-                    beam=args.beam, swap_rounds=args.swap_rounds,
-                    contiguous_top=None if args.contiguous_top < 0 else args.contiguous_top,
-                    batch_size=args.batch_size, progress=_progress(args), backend=args.backend)
-    timings["analyze"] = result.analysis.seconds
-    timings["search"] = time.perf_counter() - t0 - result.analysis.seconds
-    plan = result.plan
+    result = search(model, calib, args.parallel, args.groups, args.budget, exclude=exclude, **_search_kwargs(args))
     result.analysis.to_json(out / "analysis.json")
-    result.analysis.plot(out / "analysis.png")
-    plan.to_json(out / "plan.json")
+    result.analysis.plot(out / "analysis.png", plan=result.plan)
+    result.plan.to_json(out / "plan.json")
     result.to_json(out / "search.json")
+    return result
 
-    # Held-out evaluation: the found plan and the best contiguous plan against the base, one base
-    # forward per batch for both; full forwards (no prefix reuse) so that tokens/s are comparable.
-    t0 = time.perf_counter()
-    contiguous = CQILPlan(result.best_contiguous["groups"], bypass=plan.bypass) if result.best_contiguous else None
-    plans = [plan] + ([contiguous] if contiguous is not None else [])
-    base, evals = compare_plans(model, evalw, plans, batch_size=args.batch_size, progress=_progress(args),
-                                backend=args.backend, reuse_prefix=False, desc="held-out evaluation")
-    timings["evaluate"] = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
+def _main_evaluate(args, model, evalw, plans):
+    """Held-out evaluation of ``plans`` against the base: one base pass keeps what the base's output
+    head reads (``base_log_probs``), and each plan is measured against it; the distilled model is
+    measured against the same base later, without another base pass. Full forwards (no prefix
+    reuse), so that tokens/s are comparable. Returns (base EvalResult, plan EvalResults, the base's
+    BaseLogProbs)."""
+    from .evaluate import base_log_probs, evaluate, plan_applied
+
+    progress = _progress(args)
+    base = base_log_probs(model, evalw, batch_size=args.batch_size, progress=progress, backend=args.backend)
+    evals = []
+    for plan in plans:
+        with plan_applied(model, plan, args.backend):
+            evals.append(evaluate(model, evalw, base_model=base, batch_size=args.batch_size, progress=progress))
+    return base.result, evals, base
+
+
+def _main_samples(args, model, tok, plan) -> dict:
+    from .evaluate import plan_applied
+
     samples = {}
     for name, p in (("base", None), ("cqil", plan)):
         with plan_applied(model, p, args.backend):
             samples[name] = generate_text(model, tok, args.prompt, args.max_new_tokens)
-    timings["generate"] = time.perf_counter() - t0
+    return samples
 
-    # Optional: recover quality with LoRA + KL distillation. After it, reverting no longer gives the
-    # original model, so it runs after everything that needs the original (base numbers, samples);
-    # its before/after numbers are measured against the original's log-probs.
-    distilled = None
+
+def _main_distill(args, model, tok, plan, evalw, base, before):
+    """LoRA + KL distillation of ``plan``, then the held-out evaluation against ``base`` (the
+    original's BaseLogProbs). After it, reverting no longer gives the original model, so it runs
+    after everything that needs the original (base numbers, samples)."""
+    from .evaluate import evaluate, plan_applied
+
+    with plan_applied(model, plan, args.backend):
+        res = run_distill_from_args(args, model, tok, plan)
+        res.before = before.to_dict()
+        res.after = evaluate(model, evalw, base_model=base, batch_size=args.batch_size,
+                             progress=_progress(args)).to_dict()
+    return res
+
+
+def cmd_main(args) -> int:
+    """analyze -> search -> convert -> evaluate on other text -> generate -> distill -> table + reports."""
+    from .plan import CQILPlan
+    from .report import environment, format_table, write_json
+
+    clock = _StageClock()
+    _check_model_args(args)
+    for path, what in ((args.calib_text, "calibration text"), (args.eval_text, "evaluation text"),
+                       (args.distill_text, "distillation text")):
+        _check_text_file(path, what)
+    _check_out_dir(args.out, "--out")
+    _check_out_file(args.distill_out, "--distill-out")
+    if args.calib_text is not None and args.calib_text == args.eval_text:
+        _log("warning: calibration and evaluation use the same file; the perplexity is not held out")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with clock("load"):
+        model, tok = _load(args)
+        n = _num_layers(model)
+        exclude = _resolve_layers(args.exclude, n)
+        calib = _windows(args, tok, args.calib_text, "calib", args.calib_windows)
+        evalw = _windows(args, tok, args.eval_text, "eval", args.eval_windows)
+
+    with clock("search"):  # the analysis included
+        result = _main_search(args, model, calib, exclude, out)
+    plan = result.plan
+    contiguous = CQILPlan(result.best_contiguous["groups"], bypass=plan.bypass) if result.best_contiguous else None
+    with clock("evaluate"):
+        base, evals, base_lp = _main_evaluate(args, model, evalw,
+                                              [plan] + ([contiguous] if contiguous is not None else []))
+    with clock("generate"):
+        samples = _main_samples(args, model, tok, plan)
+    dres = None
     if args.distill_steps > 0:
-        t0 = time.perf_counter()
-        with plan_applied(model, plan, args.backend):
-            dres = run_distill_from_args(args, model, tok, plan, eval_windows=evalw)
-        distilled = dres.after
-        timings["distill"] = time.perf_counter() - t0
+        with clock("distill"):
+            dres = _main_distill(args, model, tok, plan, evalw, base_lp, evals[0])
 
     header = ["model", "groups", "layers", "seq. steps", "perplexity", "ppl %", "KL", "top-1",
               "fwd tok/s", "gen tok/s"]
@@ -460,18 +764,20 @@ def cmd_main(args) -> int:
         rows.append(["cqil (contiguous)", _groups_str(contiguous.groups), n, contiguous.num_sequential_steps(n),
                      evals[1].perplexity, evals[1].ppl_increase * 100, evals[1].kl, evals[1].top1_agreement,
                      evals[1].tokens_per_second, None])
-    if distilled is not None:
+    if dres is not None:
+        a = dres.after
         rows.append([f"cqil (search) + distilled {dres.steps} steps", _groups_str(plan.groups), n,
-                     plan.num_sequential_steps(n), distilled["perplexity"], distilled["ppl_increase"] * 100,
-                     distilled["kl"], distilled["top1_agreement"], None, None])
+                     plan.num_sequential_steps(n), a["perplexity"], a["ppl_increase"] * 100, a["kl"],
+                     a["top1_agreement"], None, None])
     table = format_table(header, rows)
-    timings["total"] = time.perf_counter() - t_start
+    clock.finish()
     report = {
         "model": args.model or "smollm2 (embedded SmolLM2-135M-Instruct, GGUF Q4_1 dequantized)",
         "dtype": args.dtype,
         "num_layers": n,
         "plan": plan.to_dict(),
-        "calibration": {"text": calib.to_dict(), **result.calib, "base_perplexity": result.base_perplexity},
+        "calibration": {"text": calib.to_dict(), **result.calib, "base_perplexity": result.base_perplexity,
+                        "rank_metric": args.rank_metric},
         "best_contiguous_calibration": result.best_contiguous,
         "evaluation": {
             "text": evalw.to_dict(),
@@ -479,9 +785,11 @@ def cmd_main(args) -> int:
             "search_plan": evals[0].to_dict(),
             "contiguous_plan": evals[1].to_dict() if contiguous is not None else None,
         },
-        "distillation": dres.to_dict() if distilled is not None else None,
+        "distillation": dres.to_dict() if dres is not None else None,
         "samples": samples,
-        "timings_s": timings,
+        "timings_s": clock.wall,
+        "cpu_s": clock.cpu,
+        "peak_rss_mb": clock.peak_rss_mb,
         "table": table,
         "environment": environment(),
     }
@@ -490,15 +798,26 @@ def cmd_main(args) -> int:
     print()
     for name, s in samples.items():
         print(f"--- {name}: {s['text']!r}")
-    print(f"\nwall time {timings['total']:.0f} s; reports in {out}/ (main.json, plan.json, search.json, "
+    print(f"\nwall time {clock.wall['total']:.0f} s ({clock.cpu['total']:.0f} CPU s), peak memory "
+          f"{clock.peak_rss_mb['total']:.0f} MB; reports in {out}/ (main.json, plan.json, search.json, "
           "analysis.json, analysis.png)")
     return 0
 
 
 def cmd_distill(args) -> int:
     """convert to --plan -> LoRA + KL distillation -> held-out before/after -> save."""
+    _check_model_args(args)
+    plan = _read_plan_file(args.plan)
+    for path, what in ((args.text, "distillation text"), (args.eval_text, "evaluation text"),
+                       (args.distill_text, "distillation text")):
+        _check_text_file(path, what)
+    if args.out:
+        _check_out_dir(args.out, "--out")
+    _check_out_file(args.distill_out, "--distill-out")
     model, tok = _load(args)
-    plan = _read_plan(args.plan, _num_layers(model))
+    _check_plan_fits(plan, args.plan, _num_layers(model))
+    if not plan.parallel_groups:
+        raise CLIError(f"plan {args.plan} has no group of 2 or more layers: nothing to distill")
     evalw = _windows(args, tok, args.eval_text, "eval", args.max_windows)
     res = run_distill_from_args(args, model, tok, plan, eval_windows=evalw)
     before, after = res.before, res.after
@@ -518,14 +837,22 @@ def main(argv=None) -> int:
     try:
         return args.func(args)
     except CLIError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except (FileNotFoundError, ImportError, ValueError, TypeError) as e:
-        # Raised by loading, texts and plan validation with messages that name the problem.
         if getattr(args, "traceback", False):
             raise
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except (OSError, ImportError, ValueError, TypeError) as e:
+        # Raised by loading, texts, plan validation and file writes with messages that name the
+        # problem (OSError includes FileNotFoundError and a disk that fills up while writing).
+        if getattr(args, "traceback", False):
+            raise
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= 400 else text[:397] + "..."
 
 
 if __name__ == "__main__":  # pragma: no cover

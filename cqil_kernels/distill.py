@@ -12,12 +12,19 @@ fast path, with no inference overhead.
 
 Teacher distribution, exact (no top-k truncation):
 
-- ``teacher="cache"``: the sequential model's full log-probs of every calibration window are
-  computed once before training ([W, T, V] fp32: 50 MB per 256-token window at a 49k vocabulary).
-  Training epochs then cost one student forward+backward per batch instead of an extra forward.
+- ``teacher="cache"``: one pass of the sequential model over the calibration windows stores what
+  its output head reads ([W, T, H] fp32: 0.6 MB per 256-token window at H = 576); each step forms
+  the teacher's full log-probs from it with the head (which LoRA leaves alone: it is frozen). The
+  log-probs themselves would be V/H times larger (50 MB per window at a 49k vocabulary). Training
+  then costs one student forward+backward and one head GEMM per batch instead of a second forward.
 - ``teacher="online"``: per batch, under no_grad, the inner model is reverted to sequential and
   the adapters disabled (peft's ``disable_adapter``), then converted back: class swaps, no copies.
-- ``"auto"``: cache when it fits ``teacher_cache_bytes``, else online.
+- ``"auto"``: cache when it fits ``teacher_cache_bytes`` (and the model's logits are its head's
+  output, checked once), else online.
+
+A failed call leaves the model as it was: every argument is checked before the model is touched,
+and an error during training removes the adapters again (peft's ``unload``, no merge), restores
+the parameters' ``requires_grad`` flags, the training mode and the model's own plan and backend.
 
 Speed (CPU): layers below the first adapted layer are frozen and unchanged, so their output per
 window is computed once and training runs from there (``model(inputs_embeds=h)`` with those
@@ -30,6 +37,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -37,9 +45,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .evaluate import skip_layers
+from .evaluate import _ModelState, skip_layers
 
-__all__ = ["DistillResult", "distill", "add_distill_arguments", "run_distill_from_args", "LORA_TARGETS"]
+__all__ = ["DistillResult", "distill", "LORA_TARGETS"]
 
 #: projection names LoRA adapts (Llama/Mistral/Qwen2/Qwen3 names)
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -60,6 +68,7 @@ class DistillResult:
     steps: int = 0
     tokens_seen: int = 0  # student tokens trained on (steps * batch * T)
     train_seconds: float = 0.0  # training loop only
+    train_cpu_seconds: float = 0.0  # the same, CPU seconds of every thread (machine load inflates wall time)
     wall_seconds: float = 0.0  # everything, teacher cache and evaluations included
     teacher_seconds: float = 0.0  # teacher cache / prefix precomputation
     teacher: str = ""  # "cache" or "online"
@@ -82,6 +91,7 @@ class DistillResult:
             "tokens_seen": self.tokens_seen,
             "train_seconds": self.train_seconds,
             "seconds_per_step": self.seconds_per_step,
+            "train_cpu_seconds": self.train_cpu_seconds,
             "wall_seconds": self.wall_seconds,
             "teacher_seconds": self.teacher_seconds,
             "teacher": self.teacher,
@@ -144,6 +154,280 @@ def _kl(student_logits: torch.Tensor, teacher_logp: torch.Tensor, temperature: f
     return kl * temperature**2
 
 
+def _head_log_probs(head, hidden: torch.Tensor, temperature: float) -> torch.Tensor:
+    """[..., H] head inputs -> [..., V] fp32 log-probs at temperature T (the teacher from its cache)."""
+    return F.log_softmax(F.linear(hidden, head.weight, head.bias).float() / temperature, dim=-1)
+
+
+def _int_arg(name: str, value, minimum: int | None, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def _float_arg(name: str, value, *, positive: bool, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    if not math.isfinite(value) or (value <= 0 if positive else value < 0):
+        raise ValueError(f"{name} must be a finite number {'> 0' if positive else '>= 0'}, got {value}")
+
+
+def _check_windows(name: str, windows, vocab_size: int, allow_none: bool = False) -> None:
+    from .texts import TokenWindows
+
+    if windows is None and allow_none:
+        return
+    if not isinstance(windows, TokenWindows):
+        raise TypeError(f"{name} must be TokenWindows (texts.load_windows / make_windows), got {type(windows).__name__}")
+    ids = windows.input_ids
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+        raise ValueError(f"{name} hold token ids outside the model's vocabulary [0, {vocab_size})")
+
+
+def _check_arguments(model, windows, eval_windows, *, rank, alpha, target, steps, lr, batch_size, temperature,
+                     weight_decay, schedule, warmup, max_grad_norm, seed, teacher, teacher_cache_bytes,
+                     reuse_prefix, max_seconds, merge, eval_batch_size, progress):
+    """Every check of ``distill``, before anything changes; returns the model's plan."""
+    from .conversion import get_plan
+
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a converted transformers model, got {type(model).__name__}")
+    if hasattr(model, "peft_config"):
+        raise ValueError("pass the converted model itself, not a PeftModel: distill adds the LoRA adapters")
+    plan = get_plan(model)
+    if plan is None:
+        raise ValueError(
+            "distill needs a CQIL-converted model (cqil_kernels.convert(model, plan) first); this model is not converted"
+        )
+    if not plan.parallel_groups:
+        raise ValueError(f"plan {plan.groups} has no parallel group: nothing to distill")
+    vocab = model.get_input_embeddings().weight.shape[0]
+    _check_windows("windows", windows, vocab)
+    _check_windows("eval_windows", eval_windows, vocab, allow_none=True)
+    for name, value, minimum in (("rank", rank, 1), ("steps", steps, 1), ("batch_size", batch_size, 1),
+                                 ("eval_batch_size", eval_batch_size, 1), ("seed", seed, None)):
+        _int_arg(name, value, minimum)
+    _int_arg("warmup", warmup, 0, allow_none=True)
+    _float_arg("lr", lr, positive=True)
+    _float_arg("alpha", alpha, positive=True, allow_none=True)
+    _float_arg("temperature", temperature, positive=True)
+    _float_arg("weight_decay", weight_decay, positive=False)
+    _float_arg("max_grad_norm", max_grad_norm, positive=False, allow_none=True)
+    _float_arg("teacher_cache_bytes", teacher_cache_bytes, positive=False)
+    _float_arg("max_seconds", max_seconds, positive=True, allow_none=True)
+    for name, value, choices in (("target", target, ("grouped", "all")), ("teacher", teacher, ("auto", "cache", "online")),
+                                 ("schedule", schedule, ("cosine", "linear", "constant"))):
+        if value not in choices:
+            raise ValueError(f"{name} must be one of {', '.join(repr(c) for c in choices)}, got {value!r}")
+    for name, value in (("reuse_prefix", reuse_prefix), ("merge", merge), ("progress", progress)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be True or False, got {value!r}")
+    return plan
+
+
+def _rebuild(model, state: _ModelState) -> None:
+    """Convert ``model`` to ``state`` afresh (revert first), so groups are built from its modules as they are now."""
+    from .conversion import convert, get_plan, revert
+
+    if get_plan(model) is not None:
+        revert(model)
+    if state.plan is not None:
+        convert(model, state.plan, backend=state.backend)
+
+
+def _decoder_of(model):
+    """The decoder stack under the output head (``model.model`` of a HF causal LM)."""
+    get = getattr(model, "get_decoder", None)
+    decoder = get() if callable(get) else None
+    return decoder if isinstance(decoder, torch.nn.Module) else model.model
+
+
+def _head_is_last(model, ids: torch.Tensor) -> bool:
+    """Whether the logits are the output head applied to the decoder's last hidden state (no
+    scaling or soft-capping after the head): then the loss can be formed chunk by chunk from it."""
+    head = model.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear):
+        return False
+    ref = model(input_ids=ids, use_cache=False).logits.float()
+    got = F.linear(_decoder_of(model)(input_ids=ids, use_cache=False).last_hidden_state, head.weight, head.bias)
+    scale = float(ref.abs().max()) or 1.0
+    return got.shape == ref.shape and bool(torch.allclose(got.float(), ref, rtol=0.0, atol=1e-4 * scale))
+
+
+@dataclass
+class _Precomputed:
+    """What one no-grad pass over the calibration windows gives the training loop."""
+
+    teacher_h: list  # per window [T, H]: the sequential model's last hidden state (cache teacher)
+    prefix_h: list  # per window [T, H]: input of layer ``prefix`` (the same in both models)
+    prefix: int  # first layer the training forward runs (0: full forwards)
+    use_cache: bool
+    head_is_last: bool  # logits == head(last hidden state): the loss is formed in token chunks
+
+
+def _precompute(model, layers, windows, *, use_cache: bool, prefix: int, batch_size: int, backend: str,
+                device) -> _Precomputed:
+    """Teacher hidden states (sequential model) and/or frozen-prefix inputs, in one pass per window.
+
+    The inputs of layer ``prefix`` are the same in the sequential and the converted model because
+    no group lies below it. Both shortcuts are checked against the full computation and dropped
+    (online teacher / full forwards) when they do not reproduce it.
+    """
+    from .evaluate import plan_applied
+
+    head_is_last = _head_is_last(model, windows.input_ids[:1].to(device))
+    use_cache = use_cache and head_is_last
+    out = _Precomputed([], [], prefix, use_cache, head_is_last)
+    if not (use_cache or prefix > 0):
+        return out
+    decoder = _decoder_of(model)
+    sink, handle = _capture_input(layers[prefix]) if prefix > 0 else ([], None)
+    try:
+        with plan_applied(model, None, backend) if use_cache else nullcontext():
+            for s in range(0, len(windows), batch_size):
+                ids = windows.input_ids[s : s + batch_size].to(device)
+                h = decoder(input_ids=ids, use_cache=False).last_hidden_state
+                if use_cache:
+                    out.teacher_h.extend(h.unbind(0))
+                if prefix > 0:
+                    out.prefix_h.extend(sink.pop().unbind(0))
+                del h
+    finally:
+        if handle is not None:
+            handle.remove()
+    if prefix > 0:
+        # Starting at layer ``prefix`` from inputs_embeds must reproduce the converted model's full
+        # forward (not so for models that scale embeddings inside forward, e.g. Gemma).
+        ref = model(input_ids=windows.input_ids[:1].to(device), use_cache=False).logits.float()
+        with skip_layers(layers, prefix):
+            got = model(inputs_embeds=out.prefix_h[0][None], use_cache=False).logits.float()
+        scale = float(ref.abs().max()) or 1.0
+        if not torch.allclose(got, ref, rtol=0.0, atol=1e-3 * scale):
+            out.prefix, out.prefix_h = 0, []
+    return out
+
+
+#: tokens per chunk of the loss: [chunk, V] logits at a time instead of [batch * T, V]
+LOSS_CHUNK = 256
+
+
+def _chunked_kl_backward(head, student_h: torch.Tensor, teacher_h: torch.Tensor, temperature: float,
+                         chunk: int = LOSS_CHUNK) -> float:
+    """T^2 * mean-token KL(teacher || student) over the [..., H] hidden states, with its backward.
+
+    The head (frozen) and the loss run ``chunk`` tokens at a time; each chunk's gradient flows
+    into the hidden states, and one backward through the model follows. The sum of the chunks'
+    losses is the loss of the whole batch, so this is the same gradient as one [n, V] loss, without
+    the [n, V] logits, log-probs and their gradients in memory at once.
+    """
+    h = student_h.reshape(-1, student_h.shape[-1])
+    t = teacher_h.reshape(-1, teacher_h.shape[-1])
+    n = h.shape[0]
+    leaf = h.detach().requires_grad_(True)
+    total = 0.0
+    for s in range(0, n, chunk):
+        with torch.no_grad():
+            tlogp = _head_log_probs(head, t[s : s + chunk], temperature)
+        logq = F.log_softmax(F.linear(leaf[s : s + chunk], head.weight, head.bias).float() / temperature, dim=-1)
+        loss = F.kl_div(logq, tlogp, reduction="sum", log_target=True) * (temperature**2 / n)
+        loss.backward()
+        total += float(loss.detach())
+        del tlogp, logq, loss
+    h.backward(leaf.grad)
+    return total
+
+
+def _batches_forever(num_windows: int, batch_size: int, seed: int):
+    """Window indices, ``batch_size`` at a time, epochs reshuffled by ``seed`` (deterministic)."""
+    gen = torch.Generator().manual_seed(seed)
+    order: list[int] = []
+    while True:
+        if len(order) < batch_size:  # new epoch: the rest of the old one first, then a fresh shuffle
+            order = order + torch.randperm(num_windows, generator=gen).tolist()
+        batch, order = order[:batch_size], order[batch_size:]
+        yield batch
+
+
+def _train(pm, head, windows, pre: _Precomputed, res: DistillResult, *, steps, lr, weight_decay, schedule, warmup,
+           max_grad_norm, seed, batch_size, temperature, max_seconds, backend, device, progress) -> list:
+    """The optimisation loop on the PeftModel ``pm``; fills ``res.losses``/``steps``/``tokens_seen``."""
+    from tqdm.auto import tqdm
+
+    from .conversion import decoder_layers
+    from .evaluate import plan_applied
+
+    params = [p for n, p in pm.named_parameters() if p.requires_grad]
+    if not params or not all("lora_" in n for n, p in pm.named_parameters() if p.requires_grad):
+        raise RuntimeError("expected exactly the LoRA adapters to be trainable")
+    res.trainable_params = sum(p.numel() for p in params)
+    inner = pm.base_model.model
+    inner_layers = decoder_layers(inner)
+    decoder = _decoder_of(inner)
+    V = head.weight.shape[0]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    total = [steps]
+    warm = max(1, round(0.05 * steps)) if warmup is None else max(1, int(warmup))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(schedule, total, warm))
+    batches = _batches_forever(len(windows), batch_size, seed)
+    bar = tqdm(total=steps, desc="distill", unit="step", disable=not progress, leave=False)
+    t_train, c_train = time.perf_counter(), time.process_time()
+    step = 0
+    try:
+        while step < total[0]:
+            idx = next(batches)
+            ids = windows.input_ids[idx].to(device)
+            opt.zero_grad(set_to_none=True)
+            if pre.head_is_last:
+                with torch.no_grad():
+                    if pre.use_cache:
+                        th = torch.stack([pre.teacher_h[i] for i in idx])
+                    else:
+                        with pm.disable_adapter(), plan_applied(inner, None, backend):
+                            th = decoder(input_ids=ids, use_cache=False).last_hidden_state
+                with skip_layers(inner_layers, pre.prefix) if pre.prefix else nullcontext():
+                    if pre.prefix:
+                        sh = decoder(inputs_embeds=torch.stack([pre.prefix_h[i] for i in idx]), use_cache=False)
+                    else:
+                        sh = decoder(input_ids=ids, use_cache=False)
+                loss = _chunked_kl_backward(head, sh.last_hidden_state, th, temperature)
+                del sh, th
+            else:  # logits that are not the head's output: one [n, V] loss of the full forwards
+                with torch.no_grad(), pm.disable_adapter(), plan_applied(inner, None, backend):
+                    tlogp = F.log_softmax(pm(input_ids=ids, use_cache=False).logits.float() / temperature, dim=-1)
+                logits = pm(input_ids=ids, use_cache=False).logits
+                full = _kl(logits.reshape(-1, V), tlogp.reshape(-1, V), temperature)
+                del logits, tlogp
+                full.backward()
+                loss = float(full.detach())
+            if max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            opt.step()
+            sched.step()
+            step += 1
+            res.losses.append(loss)
+            res.tokens_seen += ids.numel()
+            bar.update(1)
+            bar.set_postfix(loss=f"{res.losses[-1]:.4f}")
+            if max_seconds is not None and step == 2:
+                per_step = (time.perf_counter() - t_train) / 2
+                fit = max(2, int(max_seconds / per_step))
+                if fit < total[0]:
+                    total[0] = fit
+                    bar.total = fit
+    finally:
+        bar.close()
+    res.train_seconds = time.perf_counter() - t_train
+    res.train_cpu_seconds = time.process_time() - c_train
+    res.steps = step
+    res.settings["steps_run"] = step
+    return params
+
+
 # ------------------------------------------------------------------------------------ API
 def distill(
     model,
@@ -185,10 +469,11 @@ def distill(
         seed: LoRA initialisation and window order; the run is deterministic for a seed (unless
             ``max_seconds`` cuts it short, which depends on the machine's speed).
         teacher: "cache", "online" or "auto" (see the module docstring).
-        teacher_cache_bytes: largest teacher cache "auto" accepts.
+        teacher_cache_bytes: largest teacher cache "auto" accepts (W * T * H * 4 bytes).
         reuse_prefix: run the frozen layers below the first adapted layer once per window.
-        max_seconds: training time budget; after 2 steps the step count is lowered to fit it (the
-            schedule still decays to 0 at the new end).
+        max_seconds: optional training time budget (default None: exactly ``steps`` steps); after
+            2 steps the step count is lowered to fit it (the schedule still decays to 0 at the new
+            end), so the result then depends on the machine's speed.
         merge: merge adapters into the weights and return the plain converted model; False
             returns the PeftModel (adapters kept, e.g. to save them).
         eval_windows: held-out ``TokenWindows``; perplexity/KL/top-1 against the original
@@ -200,48 +485,40 @@ def distill(
         DistillResult (``.model`` is the trained model; losses, timings, before/after metrics).
 
     Raises:
-        ValueError: ``model`` is not converted (or its plan has no parallel group), or a bad
-            argument.
+        ValueError / TypeError: ``model`` is not converted (or its plan has no parallel group), or
+            a bad argument; checked before the model is touched. An error during training leaves
+            the model as it was (adapters removed, flags, mode, plan and backend restored).
 
     Example:
         >>> convert(model, plan)                                                 # doctest: +SKIP
         >>> res = distill(model, calib_windows, steps=200, eval_windows=heldout)  # doctest: +SKIP
         >>> res.after["ppl_increase"], res.seconds_per_step                      # doctest: +SKIP
     """
-    from .conversion import convert, decoder_layers, get_plan, revert
-    from .evaluate import base_log_probs, evaluate, plan_applied
+    from .conversion import decoder_layers
+    from .evaluate import base_log_probs, evaluate
 
     t_start = time.perf_counter()
-    plan = get_plan(model)
-    if plan is None:
-        raise ValueError(
-            "distill needs a CQIL-converted model (cqil_kernels.convert(model, plan) first); this model is not converted"
-        )
-    if hasattr(model, "peft_config"):
-        raise ValueError("pass the converted model itself, not a PeftModel: distill adds the LoRA adapters")
-    grouped = sorted({i for g in plan.parallel_groups for i in g})
-    if not grouped:
-        raise ValueError(f"plan {plan.groups} has no parallel group: nothing to distill")
-    if target not in ("grouped", "all"):
-        raise ValueError(f"target must be 'grouped' or 'all', got {target!r}")
-    if teacher not in ("auto", "cache", "online"):
-        raise ValueError(f"teacher must be 'auto', 'cache' or 'online', got {teacher!r}")
-    if schedule not in ("cosine", "linear", "constant"):
-        raise ValueError(f"schedule must be 'cosine', 'linear' or 'constant', got {schedule!r}")
-    if steps < 1 or batch_size < 1 or rank < 1 or temperature <= 0:
-        raise ValueError("steps, batch_size and rank must be >= 1 and temperature > 0")
+    plan = _check_arguments(
+        model, windows, eval_windows, rank=rank, alpha=alpha, target=target, steps=steps, lr=lr,
+        batch_size=batch_size, temperature=temperature, weight_decay=weight_decay, schedule=schedule, warmup=warmup,
+        max_grad_norm=max_grad_norm, seed=seed, teacher=teacher, teacher_cache_bytes=teacher_cache_bytes,
+        reuse_prefix=reuse_prefix, max_seconds=max_seconds, merge=merge, eval_batch_size=eval_batch_size,
+        progress=progress,
+    )
     import peft
 
-    backend = getattr(model, "_cqil_backend", "auto")
+    state = _ModelState.of(model)
+    backend = state.backend
     layers = decoder_layers(model)
-    num_layers = len(layers)
-    adapted = grouped if target == "grouped" else list(range(num_layers))
+    grouped = sorted({i for g in plan.parallel_groups for i in g})
+    adapted = grouped if target == "grouped" else list(range(len(layers)))
     alpha = 2.0 * rank if alpha is None else float(alpha)
     device = next(model.parameters()).device
     W, T = windows.input_ids.shape
-    V = model.get_output_embeddings().weight.shape[0]
+    head = model.get_output_embeddings()
+    H = head.weight.shape[1]
     was_training = model.training
-    model.eval()  # no dropout: the student must match the teacher's deterministic forward
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
 
     res = DistillResult(
         plan=plan.to_dict(),
@@ -251,206 +528,68 @@ def distill(
                       max_seconds=max_seconds),
         merged=merge,
     )
-
-    # ---- held-out reference: the original sequential model's log-probs, before any change
-    base_eval = None
-    if eval_windows is not None:
-        base_eval = base_log_probs(model, eval_windows, batch_size=eval_batch_size, progress=progress, backend=backend)
-        res.before = evaluate(model, eval_windows, base_model=base_eval, batch_size=eval_batch_size,
-                              progress=progress, backend=backend).to_dict()
-
-    # ---- teacher cache and frozen-prefix inputs (one no-grad pass over the windows)
-    t0 = time.perf_counter()
-    cache_bytes = W * T * V * 4
-    use_cache = teacher == "cache" or (teacher == "auto" and cache_bytes <= teacher_cache_bytes)
-    res.teacher = "cache" if use_cache else "online"
-    prefix = min(adapted) if reuse_prefix else 0
-    teacher_logp: list[torch.Tensor] = []  # per window [T, V] fp32 log-probs at temperature T
-    prefix_h: list[torch.Tensor] = []  # per window [T, H]: input of layer ``prefix`` (converted model)
-    with torch.no_grad():
-        # One pass over the windows: teacher log-probs (sequential model) and/or the inputs of
-        # layer ``prefix``, which are the same in the sequential and the converted model because
-        # no group lies below it.
-        if use_cache or prefix > 0:
-            sink, handle = _capture_input(layers[prefix]) if prefix > 0 else ([], None)
-            try:
-                with plan_applied(model, None, backend) if use_cache else nullcontext():
-                    for s in range(0, W, batch_size):
-                        ids = windows.input_ids[s : s + batch_size].to(device)
-                        if use_cache:
-                            logits = model(input_ids=ids, use_cache=False).logits.float()
-                            teacher_logp.extend(F.log_softmax(logits / temperature, dim=-1).unbind(0))
-                            del logits
-                        else:  # online teacher: a forward of the converted model, for the prefix only
-                            model(input_ids=ids, use_cache=False)
-                        if prefix > 0:
-                            prefix_h.extend(sink.pop().unbind(0))
-            finally:
-                if handle is not None:
-                    handle.remove()
-        if prefix > 0:
-            # Check once that starting at layer ``prefix`` from inputs_embeds reproduces the full
-            # forward of the converted model (not so for models that scale embeddings inside
-            # forward, e.g. Gemma): otherwise run full forwards.
-            ref = model(input_ids=windows.input_ids[:1].to(device), use_cache=False).logits.float()
-            with skip_layers(layers, prefix):
-                got = model(inputs_embeds=prefix_h[0][None], use_cache=False).logits.float()
-            scale = float(ref.abs().max()) or 1.0
-            if not torch.allclose(got, ref, rtol=0.0, atol=1e-3 * scale):
-                prefix, prefix_h = 0, []
-            del ref, got
-    res.prefix_layers = prefix
-    res.teacher_seconds = time.perf_counter() - t0
-
-    # ---- LoRA (deterministic init for the seed, without touching the caller's global RNG)
-    cfg = peft.LoraConfig(
-        r=rank, lora_alpha=alpha, lora_dropout=0.0, bias="none", target_modules=list(LORA_TARGETS),
-        layers_to_transform=adapted, task_type="CAUSAL_LM",
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        pm = peft.get_peft_model(model, cfg)
-    pm.eval()
-    params = [p for n, p in pm.named_parameters() if p.requires_grad]
-    assert params and all("lora_" in n for n, p in pm.named_parameters() if p.requires_grad)
-    res.trainable_params = sum(p.numel() for p in params)
-    inner = pm.base_model.model
-    inner_layers = decoder_layers(inner)
-
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    total = [steps]
-    warm = max(1, round(0.05 * steps)) if warmup is None else max(1, int(warmup))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(schedule, total, warm))
-    gen = torch.Generator().manual_seed(seed)
-    order: list[int] = []
-
-    def next_batch() -> list[int]:
-        nonlocal order
-        if len(order) < batch_size:  # new epoch: the rest of the old one first, then a fresh shuffle
-            order = order + torch.randperm(W, generator=gen).tolist()
-        b, order = order[:batch_size], order[batch_size:]
-        return b
-
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=steps, desc="distill", unit="step", disable=not progress, leave=False)
-    t_train = time.perf_counter()
-    step = 0
+    pm = None
     try:
-        while step < total[0]:
-            idx = next_batch()
-            ids = windows.input_ids[idx].to(device)
-            if use_cache:
-                tlogp = torch.stack([teacher_logp[i] for i in idx]).to(device)
-            else:
-                with torch.no_grad(), pm.disable_adapter(), plan_applied(inner, None, backend):
-                    tl = pm(input_ids=ids, use_cache=False).logits.float()
-                    tlogp = F.log_softmax(tl / temperature, dim=-1)
-                    del tl
-            with skip_layers(inner_layers, prefix) if prefix else nullcontext():
-                if prefix:
-                    h = torch.stack([prefix_h[i] for i in idx])
-                    logits = pm(inputs_embeds=h, use_cache=False).logits
-                else:
-                    logits = pm(input_ids=ids, use_cache=False).logits
-            loss = _kl(logits.reshape(-1, V), tlogp.reshape(-1, V), temperature)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            del logits, tlogp
-            if max_grad_norm and max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-            opt.step()
-            sched.step()
-            step += 1
-            res.losses.append(float(loss.detach()))
-            res.tokens_seen += ids.numel()
-            bar.update(1)
-            bar.set_postfix(loss=f"{res.losses[-1]:.4f}")
-            if max_seconds is not None and step == 2:
-                per_step = (time.perf_counter() - t_train) / 2
-                fit = max(2, int(max_seconds / per_step))
-                if fit < total[0]:
-                    total[0] = fit
-                    bar.total = fit
-    finally:
-        bar.close()
-    res.train_seconds = time.perf_counter() - t_train
-    res.steps = step
-    res.settings["steps_run"] = step
-    del teacher_logp, prefix_h
-    for p in params:
-        p.requires_grad_(False)  # inference from here on; lets the group take the fused path
+        model.eval()  # no dropout: the student must match the teacher's deterministic forward
 
-    # ---- merge back into plain weights: the groups read the layers' modules when they run, so
-    # once the LoRA wrappers are gone they take the fused path again on their own
-    if merge:
-        out = pm.merge_and_unload()
-    else:
-        out = pm
+        # ---- held-out reference: the original sequential model's log-probs, before any change
+        base_eval = None
+        if eval_windows is not None:
+            base_eval = base_log_probs(model, eval_windows, batch_size=eval_batch_size, progress=progress,
+                                       backend=backend or "auto")
+            res.before = evaluate(model, eval_windows, base_model=base_eval, batch_size=eval_batch_size,
+                                  progress=progress).to_dict()
+
+        # ---- teacher cache and frozen-prefix inputs (one no-grad pass over the windows)
+        t0 = time.perf_counter()
+        use_cache = teacher == "cache" or (teacher == "auto" and W * T * H * 4 <= teacher_cache_bytes)
+        with torch.no_grad():
+            pre = _precompute(model, layers, windows, use_cache=use_cache, prefix=min(adapted) if reuse_prefix else 0,
+                              batch_size=batch_size, backend=backend, device=device)
+        res.teacher = "cache" if pre.use_cache else "online"
+        res.prefix_layers = pre.prefix
+        res.teacher_seconds = time.perf_counter() - t0
+
+        # ---- LoRA (deterministic init for the seed, without touching the caller's global RNG)
+        cfg = peft.LoraConfig(
+            r=rank, lora_alpha=alpha, lora_dropout=0.0, bias="none", target_modules=list(LORA_TARGETS),
+            layers_to_transform=adapted, task_type="CAUSAL_LM",
+        )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            pm = peft.get_peft_model(model, cfg)
+        pm.eval()
+        params = _train(pm, head, windows, pre, res, steps=steps, lr=lr, weight_decay=weight_decay, schedule=schedule,
+                        warmup=warmup, max_grad_norm=max_grad_norm, seed=seed, batch_size=batch_size,
+                        temperature=temperature, max_seconds=max_seconds, backend=backend, device=device,
+                        progress=progress)
+        del pre
+        for p in params:
+            p.requires_grad_(False)  # inference from here on
+
+        # ---- merge back into plain weights; rebuild the groups from the merged layers (the online
+        # teacher converted while the LoRA wrappers were in place)
+        if merge:
+            out = pm.merge_and_unload()
+            for n, p in out.named_parameters():
+                p.requires_grad_(flags.get(n, p.requires_grad))
+            _rebuild(out, state)
+        else:
+            out = pm
+    except BaseException:
+        if pm is not None:
+            pm.unload()  # the original modules back in place, adapters dropped (not merged)
+        for n, p in model.named_parameters():
+            p.requires_grad_(flags.get(n, p.requires_grad))
+        _rebuild(model, state)
+        model.train(was_training)
+        raise
     if was_training:
         out.train()
     res.model = out
 
     if eval_windows is not None:
         res.after = evaluate(out, eval_windows, base_model=base_eval, batch_size=eval_batch_size,
-                             progress=progress, backend=backend).to_dict()
+                             progress=progress).to_dict()
     res.wall_seconds = time.perf_counter() - t_start
-    return res
-
-
-# ------------------------------------------------------------------------------------ CLI hooks
-def add_distill_arguments(parser, default_steps: int = 0):
-    """Add the ``--distill-*`` options to an argparse parser (group "distillation").
-
-    ``default_steps=0`` means distillation is off unless ``--distill-steps N`` is given (for
-    ``main``); a ``distill`` subcommand passes e.g. 200.
-    """
-    g = parser.add_argument_group("distillation (LoRA + KL to the unconverted model)")
-    g.add_argument("--distill-steps", type=int, default=default_steps,
-                   help=f"optimizer steps (default {default_steps}; 0: no distillation)")
-    g.add_argument("--distill-lr", type=float, default=5e-4, help="AdamW learning rate (default 5e-4)")
-    g.add_argument("--distill-rank", type=int, default=16, help="LoRA rank (default 16)")
-    g.add_argument("--distill-alpha", type=float, default=None, help="LoRA alpha (default 2 * rank)")
-    g.add_argument("--distill-target", choices=["grouped", "all"], default="grouped",
-                   help="layers that get adapters (default grouped)")
-    g.add_argument("--distill-batch-size", type=int, default=4, help="windows per step (default 4)")
-    g.add_argument("--distill-seq-len", type=int, default=256, help="tokens per window (default 256)")
-    g.add_argument("--distill-windows", type=int, default=64, help="distillation windows (default 64)")
-    g.add_argument("--distill-text", default=None,
-                   help="distillation text (default: the calibration text, else built-in calibration half)")
-    g.add_argument("--distill-temperature", type=float, default=1.0, help="KL temperature (default 1)")
-    g.add_argument("--distill-max-seconds", type=float, default=300.0,
-                   help="training time budget in seconds; fewer steps if slower (default 300; 0: none)")
-    g.add_argument("--distill-seed", type=int, default=0, help="LoRA init / window order seed (default 0)")
-    g.add_argument("--distill-out", default=None, help="write the DistillResult JSON here")
-    return parser
-
-
-def run_distill_from_args(args, model, tokenizer, plan=None, eval_windows=None) -> DistillResult:
-    """Distill ``model`` as the ``--distill-*`` options say; returns the DistillResult.
-
-    ``model`` is converted in place to ``plan`` when it is not converted yet. The distillation text
-    is ``--distill-text``, else ``args.calib_text`` / ``args.text`` when present, else the built-in
-    calibration half. Writes ``--distill-out`` when given.
-    """
-    from .conversion import convert, get_plan
-    from .texts import load_windows
-
-    if get_plan(model) is None:
-        if plan is None:
-            raise ValueError("model is not converted and no plan was given")
-        convert(model, plan, backend=getattr(args, "backend", "auto"))
-    path = args.distill_text or getattr(args, "calib_text", None) or getattr(args, "text", None)
-    windows = load_windows(tokenizer, path, split="calib", seq_len=args.distill_seq_len, max_windows=args.distill_windows)
-    progress = not getattr(args, "no_progress", False)
-    res = distill(
-        model, windows, rank=args.distill_rank, alpha=args.distill_alpha, target=args.distill_target,
-        steps=args.distill_steps, lr=args.distill_lr, batch_size=args.distill_batch_size,
-        temperature=args.distill_temperature, seed=args.distill_seed,
-        max_seconds=args.distill_max_seconds or None, eval_windows=eval_windows,
-        eval_batch_size=getattr(args, "batch_size", 2), progress=progress,
-    )
-    res.settings["text"] = windows.to_dict()
-    if args.distill_out:
-        res.to_json(args.distill_out)
     return res

@@ -18,7 +18,7 @@ import math
 import time
 import warnings
 import weakref
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
 
@@ -72,34 +72,99 @@ class EvalResult:
 
 
 # ------------------------------------------------------------------------------------ model access
+# Every function here that converts the caller's model in place follows one rule: check every
+# argument first (nothing is touched when one is bad), remember the model's own plan and its
+# already-resolved backend, and restore exactly those in ``finally``. The restore re-applies a plan
+# and backend the model was already running, so it cannot fail on the caller's arguments.
 def _is_parallel(plan: CQILPlan | None) -> bool:
     return plan is not None and len(plan.parallel_groups) > 0
 
 
-def _set_plan(model, plan: CQILPlan | None, backend: str) -> None:
-    """Put ``model`` into exactly ``plan`` (None or no parallel group: sequential), in place."""
-    conv = conversion
-    if conv.get_plan(model) is not None:
-        conv.revert(model)
-    if _is_parallel(plan):
-        conv.convert(model, plan, backend=backend)
+@dataclass(frozen=True)
+class _ModelState:
+    """What ``_set_plan`` must restore: the plan a model runs and its resolved backend."""
+
+    plan: CQILPlan | None
+    backend: str | None
+
+    @classmethod
+    def of(cls, model) -> "_ModelState":
+        plan = conversion.get_plan(model)
+        return cls(plan, model.__dict__.get("_cqil_backend") if plan is not None else None)
+
+
+def _check_backend(model, backend: str) -> str:
+    """The backend ``backend`` resolves to on the model's device (ValueError when it cannot run)."""
+    from .backends import resolve_backend
+
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a string ('auto', 'torch' or 'triton'), got {backend!r}")
+    return resolve_backend(backend, _device_of(model))
+
+
+def _check_plans(plans, num_layers: int) -> list:
+    """Each entry a CQILPlan valid for ``num_layers`` layers, or None (the sequential model)."""
+    if isinstance(plans, (CQILPlan, str, bytes)) or not isinstance(plans, Sequence):
+        raise TypeError(f"plans must be a list of CQILPlan (or None), got {type(plans).__name__}")
+    for i, plan in enumerate(plans):
+        if plan is None:
+            continue
+        if not isinstance(plan, CQILPlan):
+            raise TypeError(f"plans[{i}] must be a CQILPlan or None, got {type(plan).__name__}")
+        plan.validate_for(num_layers)
+    return list(plans)
+
+
+def _check_windows(windows) -> None:
+    from .texts import TokenWindows
+
+    if not isinstance(windows, TokenWindows):
+        raise TypeError(f"windows must be TokenWindows (texts.load_windows / make_windows), got {type(windows).__name__}")
+
+
+def _check_batch_size(batch_size) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+
+
+def _set_plan(model, plan: CQILPlan | None, backend: str | None) -> None:
+    """Put ``model`` into exactly ``plan`` on ``backend`` (None or no parallel group: sequential).
+
+    Nothing changes when the model already runs that plan on that backend.
+    """
+    target = plan if _is_parallel(plan) else None
+    current = _ModelState.of(model)
+    if current.plan == target and (target is None or current.backend == backend):
+        return
+    if current.plan is not None:
+        conversion.revert(model)
+    if target is not None:
+        conversion.convert(model, target, backend=backend)
+
+
+def _restore(model, state: _ModelState) -> None:
+    _set_plan(model, state.plan, state.backend)
 
 
 @contextmanager
 def plan_applied(model, plan: CQILPlan | None, backend: str = "auto"):
     """Run a block with ``model`` converted to ``plan`` (None: sequential); restore its state after.
 
+    The arguments are checked before the model is touched; afterwards (also after an error) the
+    model runs its own plan on its own backend again.
+
     Example:
         >>> with plan_applied(model, CQILPlan([[20, 21]])):   # doctest: +SKIP
         ...     logits = model(ids).logits
     """
-    conv = conversion
-    original = conv.get_plan(model)
+    resolved = _check_backend(model, backend)
+    (plan,) = _check_plans([plan], len(decoder_layers(model)))
+    original = _ModelState.of(model)
     try:
-        _set_plan(model, plan, backend)
+        _set_plan(model, plan, resolved)
         yield model
     finally:
-        _set_plan(model, original, backend)
+        _restore(model, original)
 
 
 # ------------------------------------------------------------------------------------ accumulation
@@ -166,14 +231,43 @@ class _Stats:
 class BaseLogProbs:
     """Base-model log-probs at the scored positions of some windows, precomputed.
 
-    ``chunks[i]`` is [n_i, V] float32 for batch ``i`` of ``batch_size`` windows. Memory is
-    ``num_scored * V * 4`` bytes (SmolLM2: 200 KB per token): use it for short texts, or when the
-    base model cannot be reverted; ``compare_plans`` needs no storage.
+    What is stored is what the output head reads: ``chunks[i]`` holds, for batch ``i`` of
+    ``batch_size`` windows, the [n_i, H] inputs of the head at the scored positions, and
+    ``log_probs(i)`` forms the [n_i, V] fp32 log-probs from them with a copy of the head taken at
+    the same time. That is H/V of the memory of the log-probs themselves (SmolLM2: 2.3 KB instead
+    of 200 KB per token). For a model whose logits are not its head's output (checked once), the
+    log-probs are stored instead (``head_weight`` None). ``result`` is the base model's own
+    EvalResult on those windows (perplexity, forward tokens/s), measured on the way.
     """
 
     chunks: list
     batch_size: int
     num_windows: int
+    head_weight: torch.Tensor | None = None
+    head_bias: torch.Tensor | None = None
+    result: EvalResult | None = None
+
+    def log_probs(self, i: int) -> torch.Tensor:
+        """[n_i, V] fp32 log-probs of batch ``i``."""
+        if self.head_weight is None:
+            return self.chunks[i]
+        h = self.chunks[i]
+        return F.log_softmax(F.linear(h, self.head_weight, self.head_bias).float(), dim=-1)
+
+
+@contextmanager
+def _capture_head_input(model, sink: list):
+    """Record the tensor entering the output head ([b, T, H]) of every forward into ``sink``."""
+    head = model.get_output_embeddings()
+
+    def hook(module, args):
+        sink.append(args[0])
+
+    handle = head.register_forward_pre_hook(hook)
+    try:
+        yield head
+    finally:
+        handle.remove()
 
 
 def _scored_logits(model, ids: torch.Tensor, mask: torch.Tensor, inputs_embeds=None) -> torch.Tensor:
@@ -315,13 +409,14 @@ def compare_plans(
         (base, results): the sequential model's EvalResult and one EvalResult per plan, each
         with ``kl`` / ``top1_agreement`` / ``base_perplexity`` against the sequential model.
     """
-    conv = conversion
-    original = conv.get_plan(model)
-    plans = list(plans)
     num_layers = len(decoder_layers(model))
-    for plan in plans:
-        if plan is not None:
-            plan.validate_for(num_layers)
+    resolved = _check_backend(model, backend)
+    plans = _check_plans(plans, num_layers)
+    _check_windows(windows)
+    _check_batch_size(batch_size)
+    if on_layer_inputs is not None and not callable(on_layer_inputs):
+        raise TypeError(f"on_layer_inputs must be callable, got {type(on_layer_inputs).__name__}")
+    original = _ModelState.of(model)
     starts = [_first_converted_layer(p) if reuse_prefix else 0 for p in plans]
     base_stats, stats = _Stats(None), [_Stats(p) for p in plans]
     bar = _progress(len(windows) * windows.seq_len * (1 + len(plans)), desc, progress)
@@ -330,7 +425,7 @@ def compare_plans(
             ids = windows.input_ids[start:end].to(_device_of(model))
             mask = windows.score_mask(start, end).to(ids.device)
             targets = ids[:, 1:][mask]
-            _set_plan(model, None, backend)
+            _set_plan(model, None, None)
             sink: list = []
             capture = on_layer_inputs is not None or any(starts)
             t0 = time.perf_counter()
@@ -350,7 +445,7 @@ def compare_plans(
             del logits
             bar.update(ids.numel())
             for plan, first, st in zip(plans, starts, stats):
-                _set_plan(model, plan, backend)
+                _set_plan(model, plan, resolved)
                 t0 = time.perf_counter()
                 if first > 0:
                     with skip_layers(decoder_layers(model), first):
@@ -365,7 +460,7 @@ def compare_plans(
             del sink, base
     finally:
         bar.close()
-        _set_plan(model, original, backend)
+        _restore(model, original)
     base_result = base_stats.result(None)
     base_result.base_perplexity = base_result.perplexity
     results = [st.result(base_result.perplexity) for st in stats]
@@ -383,16 +478,46 @@ def _device_of(model) -> torch.device:
 
 @torch.inference_mode()
 def base_log_probs(model, windows, *, batch_size: int = 2, progress: bool = True, backend: str = "auto") -> BaseLogProbs:
-    """The sequential model's log-probs at every scored position (model reverted for the duration)."""
+    """The sequential model's log-probs at every scored position (model reverted for the duration).
+
+    Returns BaseLogProbs holding the head inputs ([n, H] per batch) and a copy of the head, or the
+    log-probs themselves for a model whose logits are not a plain function of its head's input.
+    """
+    _check_windows(windows)
+    _check_batch_size(batch_size)
     chunks = []
+    head = model.get_output_embeddings()
+    store_hidden = isinstance(head, torch.nn.Linear)
+    stats = _Stats(None)
     with plan_applied(model, None, backend):
         bar = _progress(len(windows) * windows.seq_len, "base log-probs", progress)
         for start, end in _batches(len(windows), batch_size):
             ids = windows.input_ids[start:end].to(_device_of(model))
-            chunks.append(_forward_logp(model, ids, windows.score_mask(start, end).to(ids.device)))
+            mask = windows.score_mask(start, end).to(ids.device)
+            sink: list = []
+            t0 = time.perf_counter()
+            with _capture_head_input(model, sink) if store_hidden else nullcontext():
+                logits = _scored_logits(model, ids, mask)
+            stats.seconds += time.perf_counter() - t0
+            stats.window_tokens += ids.numel()
+            hidden = sink[-1][:, :-1][mask] if len(sink) == 1 and sink[-1].shape[:2] == ids.shape else None
+            if store_hidden and not chunks:
+                # Once: the head applied to the captured input must give the model's logits
+                # (not so with logit scaling or soft-capping after the head).
+                got = None if hidden is None else F.linear(hidden, head.weight, head.bias).float()
+                scale = float(logits.abs().max()) or 1.0
+                store_hidden = got is not None and bool(torch.allclose(got, logits, rtol=0.0, atol=1e-4 * scale))
+                del got
+            chunks.append(hidden.clone() if store_hidden else F.log_softmax(logits, dim=-1))
+            stats.add(logits, ids[:, 1:][mask], None)
+            del logits, sink, hidden
             bar.update(ids.numel())
         bar.close()
-    return BaseLogProbs(chunks, batch_size, len(windows))
+    result = stats.result(None)
+    result.kl, result.top1_agreement, result.base_perplexity = 0.0, 1.0, result.perplexity
+    weight = head.weight.detach().clone() if store_hidden else None
+    bias = head.bias.detach().clone() if store_hidden and head.bias is not None else None
+    return BaseLogProbs(chunks, batch_size, len(windows), weight, bias, result)
 
 
 @torch.inference_mode()
@@ -407,7 +532,7 @@ def evaluate(
     max_windows: int | None = None,
     batch_size: int = 2,
     progress: bool = True,
-    backend: str = "auto",
+    backend: str | None = None,
 ) -> EvalResult:
     """Perplexity of ``model`` on ``data``, and its KL / top-1 agreement against a base.
 
@@ -420,9 +545,14 @@ def evaluate(
             base is its reverted self, computed batch by batch); another model (run alongside);
             or ``BaseLogProbs`` from ``base_log_probs`` on the same windows and ``batch_size``.
         batch_size: windows per forward.
+        backend: with ``base_model=model``, the backend the converted model is measured on
+            (None: its own). The model is left exactly as it was, also after an error.
 
     Returns:
         EvalResult (``perplexity``, ``kl``, ``top1_agreement``, ``base_perplexity`` ...).
+
+    Raises:
+        TypeError / ValueError: a bad argument (checked before the model is touched).
 
     Example:
         >>> convert(model, CQILPlan([[20, 21]]))                                  # doctest: +SKIP
@@ -430,10 +560,18 @@ def evaluate(
         >>> r.perplexity, r.kl, r.top1_agreement                                   # doctest: +SKIP
     """
     windows = _as_windows(data, tokenizer, seq_len, stride, max_windows)
+    _check_batch_size(batch_size)
+    if not (base_model is None or isinstance(base_model, (BaseLogProbs, torch.nn.Module))):
+        raise TypeError(
+            f"base_model must be None, a model (e.g. the model itself) or BaseLogProbs, got {type(base_model).__name__}"
+        )
+    if backend is not None:
+        _check_backend(model, backend)
     if base_model is model:
-        plan = conversion.get_plan(model)
+        state = _ModelState.of(model)
         _, (result,) = compare_plans(
-            model, windows, [plan], batch_size=batch_size, progress=progress, backend=backend, desc="evaluating"
+            model, windows, [state.plan], batch_size=batch_size, progress=progress,
+            backend=(state.backend or "auto") if backend is None else backend, desc="evaluating",
         )
         return result
     if isinstance(base_model, BaseLogProbs) and (
@@ -453,7 +591,7 @@ def evaluate(
             targets = ids[:, 1:][mask]
             base = None
             if isinstance(base_model, BaseLogProbs):
-                base_logp = base_model.chunks[i].to(ids.device)
+                base_logp = base_model.log_probs(i).to(ids.device)
             elif base_model is not None:
                 bdev = _device_of(base_model)
                 base_logp = _forward_logp(base_model, ids.to(bdev), mask.to(bdev)).to(ids.device)

@@ -1,13 +1,18 @@
-"""Count the kernels a call launches, on any device (the CPU included).
+"""Count the kernels a call would launch on a GPU, on any device (the CPU included).
 
 Inside a CUDA graph a kernel costs ~1.2 us of launch latency plus its own minimum duration, so a
-small model's decode step is priced by how many kernels it launches. This module counts them
-without a GPU, so the count can be checked in CPU tests and compared between plans:
+small model's decode step is priced by how many kernels it launches. This module estimates that
+count without a GPU, so it can be checked in CPU tests and compared between plans. What it counts
+is dispatched operations, not launches it observes:
 
-- every aten op that does work (not a view, not an allocation) is taken as one kernel; cuBLAS may
-  launch one more for its own split-K, which this does not see;
+- every aten op that does work (not a view, not an allocation) is taken as one kernel. On the CPU
+  no kernel is launched at all: these are torch ops run on the host, and the number is what the
+  same ops would launch on a GPU under the one-kernel-per-op assumption. On a GPU too it counts
+  ops, not CUDA launches: cuBLAS may launch a second kernel for its own split-K, some aten ops
+  launch several, and neither is seen;
 - every Triton launch (compiled, or through the interpreter with ``TRITON_INTERPRET=1``) is one
-  kernel; the custom ops that wrap them (``torch.ops.cqil.*``) count only through their launches;
+  kernel: these are real launches of the Triton kernels (on the CPU, interpreted ones). The custom
+  ops that wrap them (``torch.ops.cqil.*``) count only through their launches;
 - host synchronisations (``.item()``, ``.tolist()``, D2H copies) are counted apart: a decode
   step that needs one cannot be captured in a CUDA graph.
 
@@ -68,7 +73,10 @@ def _crosses_device(args, kwargs) -> bool:
 
 
 class LaunchCounter(contextlib.AbstractContextManager):
-    """Context manager: counts kernel launches of the code run inside it.
+    """Context manager: counts the kernels the code run inside it would launch on a GPU.
+
+    Working aten ops count one each and Triton launches one each (see the module docstring): on
+    the CPU the aten part counts torch ops run on the host, not kernel launches.
 
     Attributes:
         by_name: Counter of launches, ``aten::<op>`` and ``triton::<kernel>``.

@@ -112,24 +112,31 @@ def _figure(width: float, height: float):
     return fig
 
 
-def plot_analysis(analysis, path) -> Path:
+def plot_analysis(analysis, path, plan=None) -> Path:
     """PNG of a LayerAnalysis: input-similarity heatmap and the measured cost of each group.
 
     Left: ``similarity`` [L, L] with the adjacent pairs (i, i+1) outlined. Right: KL and relative
     perplexity change of converting each candidate group alone (log scale: costs span decades).
+    ``plan`` (a CQILPlan, optional): its groups are outlined in white on the heatmap and their bars
+    drawn in red, with the plan named in the title.
     """
-    from matplotlib.patches import Rectangle
+    from matplotlib.patches import Patch, Rectangle
 
     path = Path(os.fspath(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     n = analysis.num_layers
+    chosen = {tuple(g) for g in plan.groups if len(g) > 1} if plan is not None else set()
     fig = _figure(13, 5.2)
     ax = fig.add_subplot(1, 2, 1)
     im = ax.imshow(analysis.similarity, cmap="viridis", vmin=min(0.0, min(map(min, analysis.similarity))), vmax=1.0)
     for i in range(n - 1):
         for (r, c) in ((i, i + 1), (i + 1, i)):
             ax.add_patch(Rectangle((c - 0.5, r - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=0.8))
-    ax.set_title("cosine similarity of layer inputs (red: adjacent)")
+    for g in sorted(chosen):
+        # the block of the group's layers, i.e. every pair inside it
+        ax.add_patch(Rectangle((g[0] - 0.5, g[0] - 0.5), len(g), len(g), fill=False, edgecolor="white", linewidth=2.0))
+    title = "cosine similarity of layer inputs (red: adjacent"
+    ax.set_title(title + (", white: the plan's groups)" if chosen else ")"))
     ax.set_xlabel("layer")
     ax.set_ylabel("layer")
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
@@ -137,26 +144,39 @@ def plot_analysis(analysis, path) -> Path:
     if analysis.costs:
         labels = ["-".join(map(str, c.group)) for c in analysis.costs]
         x = list(range(len(labels)))
+        in_plan = [tuple(c.group) in chosen for c in analysis.costs]
         ax = fig.add_subplot(2, 2, 2)
-        ax.bar(x, [max(c.kl, 1e-6) for c in analysis.costs], color="tab:blue")
+        ax.bar(x, [max(c.kl, 1e-6) for c in analysis.costs],
+               color=["tab:red" if m else "tab:blue" for m in in_plan])
         ax.set_yscale("log")  # costs span decades: the first and last layers are catastrophic
         ax.set_ylabel("KL (nats/token)")
-        ax.set_title(f"cost of converting one group of {analysis.parallel} alone (calibration text)")
+        groups = " ".join("-".join(map(str, (g[0], g[-1]))) for g in sorted(chosen))
+        ax.set_title(f"cost of converting one group of {analysis.parallel} alone (calibration text)"
+                     + (f"\nred: the plan's groups {groups}" if chosen else ""))
+        if chosen:
+            ax.legend(handles=[Patch(color="tab:red", label="in the plan")], loc="upper center", fontsize=7)
         ax.set_xticks(x)
         ax.set_xticklabels([])
         ax = fig.add_subplot(2, 2, 4)
-        ax.bar(x, [c.ppl_increase * 100 for c in analysis.costs], color="tab:orange")
+        ax.bar(x, [c.ppl_increase * 100 for c in analysis.costs], color=["tab:red" if m else "tab:orange" for m in in_plan])
         ax.set_yscale("symlog", linthresh=1.0)
         ax.axhline(0.0, color="black", linewidth=0.5)
         ax.set_ylabel("perplexity change (%)")
         ax.set_xticks(x)
         ax.set_xticklabels(labels, rotation=90, fontsize=7)
+        for tick, m in zip(ax.get_xticklabels(), in_plan):
+            if m:
+                tick.set_color("tab:red")
+                tick.set_fontweight("bold")
         ax.set_xlabel("group")
     else:
         ax = fig.add_subplot(1, 2, 2)
         adj = analysis.adjacent_similarity()
         ax.plot(range(len(adj)), adj, marker="o")
-        ax.set_title("similarity of adjacent layer inputs (costs not measured)")
+        for g in sorted(chosen):
+            ax.axvspan(g[0] - 0.4, g[-1] - 0.6, color="tab:red", alpha=0.2)  # pairs g[0] .. g[-1]-1
+        ax.set_title("similarity of adjacent layer inputs (costs not measured)"
+                     + ("; red: the plan's groups" if chosen else ""))
         ax.set_xlabel("layer i (pair i, i+1)")
     fig.tight_layout()
     fig.savefig(path)

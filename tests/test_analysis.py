@@ -13,6 +13,7 @@ from cqil_kernels.analysis import LayerAnalysis, analyze, candidate_groups
 from cqil_kernels.evaluate import compare_plans
 from cqil_kernels.plan import CQILPlan
 from cqil_kernels.texts import TokenWindows
+from model_state import assert_unchanged, snapshot
 from tiny_models import make_tiny
 
 L = 7
@@ -100,3 +101,38 @@ def test_import_has_no_matplotlib_side_effect():
            "print('matplotlib' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        (dict(exclude=[10]), ValueError, "out of range"),
+        (dict(exclude=[-8]), ValueError, "out of range"),
+        (dict(exclude=["1"]), TypeError, "ints"),
+        (dict(backend="bogus"), ValueError, "unknown backend"),
+        (dict(bypass=2), ValueError, "bypass"),
+        (dict(parallel=1), ValueError, "parallel"),
+        (dict(parallel=2.0), TypeError, "parallel"),
+        (dict(batch_size=0), ValueError, "batch_size"),
+    ],
+)
+def test_bad_arguments_raise_and_leave_a_converted_model_as_it_was(windows, kwargs, error, message):
+    from cqil_kernels import convert
+
+    m = convert(make_tiny("llama", num_layers=L, seed=2), CQILPlan([[3, 4]]), backend="torch")
+    snap = snapshot(m)
+    with pytest.raises(error, match=message):
+        analyze(m, windows, **{"parallel": 2, "progress": False, **kwargs})
+    assert_unchanged(m, snap)
+
+
+def test_negative_exclude_counts_from_the_last_layer(model, windows):
+    a = analyze(model, windows, parallel=2, exclude=[0, -1], measure_costs=False, progress=False)
+    assert a.exclude == [0, L - 1]
+
+
+def test_plot_marks_the_plan_groups(result, tmp_path):
+    plain = result.plot(tmp_path / "plain.png") or (tmp_path / "plain.png")
+    marked = tmp_path / "marked.png"
+    result.plot(marked, plan=CQILPlan([[1, 2], [4, 5]]))
+    assert marked.read_bytes()[:4] == b"\x89PNG" and marked.read_bytes() != plain.read_bytes()

@@ -159,6 +159,127 @@ def test_bad_argument_values_exit_2(capsys):
     assert e.value.code == 2
 
 
+@pytest.fixture(scope="module")
+def broken_models(tiny_dir, tmp_path_factory):
+    """Copies of the tiny model: one without weights, one with a truncated safetensors file."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("broken")
+    no_weights = root / "no_weights"
+    shutil.copytree(tiny_dir, no_weights)
+    (no_weights / "model.safetensors").unlink()
+    truncated = root / "truncated"
+    shutil.copytree(tiny_dir, truncated)
+    data = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(data[: len(data) // 2])
+    return {"no_weights": str(no_weights), "truncated": str(truncated)}
+
+
+def one_line_error(capsys) -> str:
+    """The one line an error prints (after the progress log lines of loading, if any)."""
+    err = capsys.readouterr().err.strip()
+    lines = [line for line in err.splitlines() if not line.startswith(("loaded ", "text "))]
+    assert "Traceback" not in err and len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["eval", "--plan", "{folder}"], "is a folder, not a plan JSON file"),
+        (["eval", "--model", "{no_weights}"], "has a config.json but no weights"),
+        (["eval", "--model", "{truncated}"], "damaged or truncated"),
+        (["eval", "--device", "bogus"], "unknown device 'bogus'"),
+        (["eval", "--device", "cuda:7"], "is not available"),
+        (["analyze", "--out", "{regular_file}/sub/analysis.json"], "is a file, not a folder"),
+        (["main", "--out", "{regular_file}/reports"], "is a file, not a folder"),
+        (["main", "--out", "{regular_file}"], "exists and is not a folder"),
+        (["distill", "--plan", "{plan}", "--out", "{regular_file}/model"], "is a file, not a folder"),
+        (["search", "--groups", "1", "--report", "{folder}"], "is a folder; give a file name"),
+        (["main", "--calib-text", "/no/such/calib.txt"], "text file not found"),
+        (["main", "--eval-text", "{folder}"], "is a folder, not a text file"),
+        (["distill", "--plan", "{plan}", "--distill-text", "/no/such/d.txt"], "text file not found"),
+        (["eval", "--text", "{not_utf8}"], "not UTF-8"),
+        (["search", "--groups", "1", "--exclude", "7"], "out of range"),
+    ],
+)
+def test_input_errors_are_one_line_and_found_before_the_model_loads(argv, message, tiny_dir, broken_models, tmp_path,
+                                                                     capsys, monkeypatch):
+    import cqil_kernels.loading as loading
+
+    files = {"tiny": str(tiny_dir), "folder": str(tmp_path), **broken_models}
+    (tmp_path / "regular").write_text("not a folder")
+    files["regular_file"] = str(tmp_path / "regular")
+    (tmp_path / "plan.json").write_text('{"groups": [[1, 2]]}')
+    files["plan"] = str(tmp_path / "plan.json")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 ".encode("latin-1") * 10)
+    files["not_utf8"] = str(tmp_path / "latin1.txt")
+    argv = [a.format(**files) for a in argv]
+    if "--model" not in argv:
+        argv += ["--model", str(tiny_dir)]
+    loads = []
+    real_load = loading.load_model
+    # every problem except the layer range is found before the model is loaded
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: loads.append(1) or real_load(*a, **k))
+    assert main(argv + FAST + ["--max-windows", "1"]) == 2
+    assert message in one_line_error(capsys)
+    assert loads == ([1] if "--exclude" in argv else [])
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["generate", "--prompt", ""], "the prompt is empty"),
+        (["generate", "--prompt", "   "], "the prompt is empty"),
+        (["main", "--distill-steps", "-1"], "integer >= 0"),
+        (["distill", "--plan", "p.json", "--distill-steps", "0"], "positive integer"),
+        (["main", "--distill-lr", "-0.1"], "number > 0"),
+        (["main", "--distill-lr", "nan"], "number > 0"),
+        (["generate", "--max-new-tokens", "-3"], "positive integer"),
+        (["search", "--groups", "1", "--swap-rounds", "-1"], "integer >= 0"),
+        (["search", "--groups", "1", "--contiguous-top", "-2"], "integer >= -1"),
+        (["analyze", "--bypass", "-1"], "integer >= 0"),
+        (["eval", "--backend", "cuda"], "invalid choice"),
+    ],
+)
+def test_bad_values_are_refused_by_the_parser_in_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    assert message in one_line_error(capsys)
+
+
+def test_main_help_shows_the_defaults_main_uses(capsys):
+    from cqil_kernels.cli import MAIN_DISTILL, build_parser
+
+    with pytest.raises(SystemExit):
+        main(["main", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    args = build_parser().parse_args(["main"])
+    assert args.distill_lr == MAIN_DISTILL["lr"] and args.distill_target == MAIN_DISTILL["target"]
+    assert args.distill_steps == MAIN_DISTILL["default_steps"] and args.distill_max_seconds == 0
+    assert f"AdamW learning rate (default {MAIN_DISTILL['lr']})" in text
+    assert f"layers that get adapters (default {MAIN_DISTILL['target']})" in text
+    assert f"optimizer steps (default {MAIN_DISTILL['default_steps']};" in text
+
+
+def test_no_progress_silences_the_loading_bars(tiny_dir, capfd):
+    assert run("eval", "--model", tiny_dir, "--max-windows", 1, *FAST) == 0
+    err = capfd.readouterr().err
+    assert "Loading weights" not in err and "%|" not in err
+
+
+def test_search_table_names_the_ranking_metric(tiny_dir, text_file, tmp_path, capsys):
+    for metric, name in (("kl", "KL(base || converted)"), ("ppl", "perplexity increase")):
+        assert run("search", "--model", tiny_dir, "--text", text_file, "--groups", 1, "--rank-metric", metric,
+                   "--max-windows", 1, "--beam", 1, "--out", tmp_path / f"{metric}.json", *FAST) == 0
+        headline, header = capsys.readouterr().out.splitlines()[:2]
+        assert f"ranked by {name}" in headline and f"(--rank-metric {metric})" in headline
+        columns = header.split()
+        # the metric that ranked comes first among the metric columns
+        assert (columns.index("KL") < columns.index("ppl")) == (metric == "kl")
+
+
 def test_help_for_every_command(capsys):
     out = subprocess.run([sys.executable, "-m", "cqil_kernels", "--help"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
@@ -168,3 +289,14 @@ def test_help_for_every_command(capsys):
             main([cmd, "--help"])
         assert e.value.code == 0
         assert f"usage: python -m cqil_kernels {cmd}" in capsys.readouterr().out
+
+
+def test_distill_argument_hooks():
+    import argparse
+
+    from cqil_kernels.cli import add_distill_arguments
+
+    ap = add_distill_arguments(argparse.ArgumentParser(), default_steps=7, lr=2e-3)
+    args = ap.parse_args(["--distill-rank", "8"])
+    assert args.distill_steps == 7 and args.distill_rank == 8 and args.distill_target == "grouped"
+    assert args.distill_lr == 2e-3 and args.distill_max_seconds == 0

@@ -13,6 +13,7 @@ from cqil_kernels import convert, get_plan, revert
 from cqil_kernels.evaluate import base_log_probs, compare_plans, evaluate, plan_applied
 from cqil_kernels.plan import CQILPlan
 from cqil_kernels.texts import TokenWindows
+from model_state import assert_unchanged, snapshot
 from tiny_models import make_tiny
 
 
@@ -167,3 +168,68 @@ def test_kl_is_accurate_for_a_large_vocabulary_and_large_logits():
     expected = float((lb.exp() * (lb - lo)).sum(-1).mean())
     assert abs(same.kl / same.count) < 2e-5
     assert diff.kl / diff.count == pytest.approx(expected, rel=1e-3, abs=2e-5)
+
+
+def _converted(plan=CQILPlan([[2, 3]])):
+    return convert(make_tiny("llama", num_layers=6, seed=1), plan, backend="torch")
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda m, w: compare_plans(m, w, [CQILPlan([[1, 2]])], backend="bogus", progress=False),
+        lambda m, w: compare_plans(m, w, [CQILPlan([[4, 5]]), CQILPlan([[5, 6]])], progress=False),
+        lambda m, w: compare_plans(m, w, [[[1, 2]]], progress=False),
+        lambda m, w: compare_plans(m, w, [CQILPlan([[1, 2]])], batch_size=0, progress=False),
+        lambda m, w: compare_plans(m, "text", [CQILPlan([[1, 2]])], progress=False),
+        lambda m, w: evaluate(m, w, base_model=m, backend="bogus", progress=False),
+        lambda m, w: evaluate(m, w, base_model="the base", progress=False),
+        lambda m, w: base_log_probs(m, w, backend="bogus", progress=False),
+        lambda m, w: plan_applied(m, CQILPlan([[1, 2]]), "bogus").__enter__(),
+        lambda m, w: plan_applied(m, CQILPlan([[4, 9]])).__enter__(),
+    ],
+)
+def test_bad_arguments_leave_a_converted_model_exactly_as_it_was(call):
+    model = _converted()
+    snap = snapshot(model)
+    with pytest.raises((ValueError, TypeError)):
+        call(model, _windows(n=2))
+    assert_unchanged(model, snap)
+
+
+def test_an_error_inside_the_block_restores_the_plan_and_backend():
+    model = _converted()
+    snap = snapshot(model)
+    with pytest.raises(RuntimeError, match="inside"):
+        with plan_applied(model, CQILPlan([[0, 1], [4, 5]], bypass=1)):
+            assert get_plan(model) == CQILPlan([[0, 1], [4, 5]], bypass=1)
+            raise RuntimeError("inside the block")
+    assert_unchanged(model, snap)
+
+
+def test_a_plan_the_model_already_runs_is_not_reconverted():
+    model = _converted()
+    group = model.model.layers[2]._cqil_group
+    with plan_applied(model, CQILPlan([[2, 3]]), "torch"):
+        assert model.model.layers[2]._cqil_group is group
+    assert model.model.layers[2]._cqil_group is group
+
+
+def test_base_log_probs_store_head_inputs_and_give_the_log_probs(model):
+    w = _windows(score_from=[1, 5, 1, 2, 9])
+    stored = base_log_probs(model, w, batch_size=2, progress=False)
+    assert stored.head_weight is not None and stored.chunks[0].shape[-1] == model.config.hidden_size
+    for i, (start, end) in enumerate([(0, 2), (2, 4), (4, 5)]):
+        ids, mask = w.input_ids[start:end], w.score_mask(start, end)
+        with torch.no_grad():
+            want = F.log_softmax(model(ids).logits[:, :-1][mask].float(), -1)
+        torch.testing.assert_close(stored.log_probs(i), want, atol=1e-5, rtol=0)
+    # the copy of the head is the model's head as it was: later changes do not reach it
+    before = stored.log_probs(0).clone()
+    with torch.no_grad():
+        model.lm_head.weight.add_(1.0)
+    try:
+        assert torch.equal(stored.log_probs(0), before)
+    finally:
+        with torch.no_grad():
+            model.lm_head.weight.sub_(1.0)

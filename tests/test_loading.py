@@ -7,7 +7,7 @@ import importlib.util
 import pytest
 import torch
 
-from cqil_kernels.loading import load_model, parse_dtype
+from cqil_kernels.loading import check_model_spec, load_model, parse_device, parse_dtype
 
 TOKENIZER_TEXT = (
     "It is a truth universally acknowledged, that a single man in possession of a good fortune, "
@@ -115,6 +115,165 @@ def test_parse_dtype():
     assert parse_dtype(torch.float16) is torch.float16
     with pytest.raises(ValueError, match="unknown dtype"):
         parse_dtype("int3")
+
+
+def test_parse_device():
+    assert parse_device("cpu") == torch.device("cpu")
+    assert parse_device(torch.device("cpu")) == torch.device("cpu")
+    with pytest.raises(ValueError, match="unknown device 'bogus'"):
+        parse_device("bogus")
+    with pytest.raises(ValueError, match="meta device"):
+        parse_device("meta")
+    with pytest.raises(ValueError, match="not available"):
+        parse_device("cuda:99")  # a CPU build, or fewer GPUs
+
+
+def test_bad_device_is_refused_before_loading(tmp_path, monkeypatch):
+    import cqil_kernels.loading as loading
+
+    save_tiny_model(tmp_path, num_layers=2)
+    monkeypatch.setattr(loading, "_load_hf_dir", lambda *a: pytest.fail("loaded before checking the device"))
+    with pytest.raises(ValueError, match="unknown device"):
+        load_model(tmp_path, device="gpu0")
+
+
+def test_directory_without_weights_and_truncated_weights(tmp_path):
+    import json
+    import shutil
+
+    good = tmp_path / "good"
+    save_tiny_model(good, num_layers=2)
+    missing = tmp_path / "missing"
+    shutil.copytree(good, missing)
+    (missing / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="has a config.json but no weights"):
+        load_model(missing)
+    truncated = tmp_path / "truncated"
+    shutil.copytree(good, truncated)
+    data = (truncated / "model.safetensors").read_bytes()
+    for cut in (len(data) // 2, 5):
+        (truncated / "model.safetensors").write_bytes(data[:cut])
+        with pytest.raises(ValueError, match="damaged or truncated"):
+            check_model_spec(truncated)
+    sharded = tmp_path / "sharded"
+    shutil.copytree(good, sharded)
+    (sharded / "model.safetensors").unlink()
+    (sharded / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "model-00001.safetensors"}}))
+    with pytest.raises(FileNotFoundError, match="model-00001.safetensors named by"):
+        load_model(sharded)
+
+
+def write_tiny_gguf(path, num_layers: int = 2):
+    """A tiny Llama GGUF file with Q8_0 weights and a SentencePiece-style vocabulary (64 tokens)."""
+    import gguf
+    import numpy as np
+
+    V, H, I, NH, NKV = 64, 64, 128, 4, 2
+    rng = np.random.default_rng(0)
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name("tiny")
+    w.add_context_length(128)
+    w.add_embedding_length(H)
+    w.add_block_count(num_layers)
+    w.add_feed_forward_length(I)
+    w.add_head_count(NH)
+    w.add_head_count_kv(NKV)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_rope_freq_base(10000.0)
+    w.add_rope_dimension_count(H // NH)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0)
+    w.add_tokenizer_model("llama")
+    letters = [chr(ord("a") + i) for i in range(26)]
+    tokens = ["<unk>", "<s>", "</s>"] + [f"\u2581w{i}" for i in range(V - 3 - len(letters))] + letters
+    w.add_token_list(tokens)
+    w.add_token_scores([-float(i) for i in range(V)])
+    w.add_token_types([2, 3, 3] + [1] * (V - 3))
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+
+    def add(name, shape):
+        if len(shape) == 1:  # norms stay float32, as llama.cpp writes them
+            w.add_tensor(name, (1 + 0.1 * rng.standard_normal(shape)).astype(np.float32))
+            return
+        q = gguf.quants.quantize((rng.standard_normal(shape) / np.sqrt(shape[1])).astype(np.float32),
+                                 gguf.GGMLQuantizationType.Q8_0)
+        w.add_tensor(name, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+
+    add("token_embd.weight", (V, H))
+    for i in range(num_layers):
+        add(f"blk.{i}.attn_norm.weight", (H,))
+        add(f"blk.{i}.ffn_norm.weight", (H,))
+        add(f"blk.{i}.attn_q.weight", (H, H))
+        add(f"blk.{i}.attn_k.weight", (NKV * H // NH, H))
+        add(f"blk.{i}.attn_v.weight", (NKV * H // NH, H))
+        add(f"blk.{i}.attn_output.weight", (H, H))
+        add(f"blk.{i}.ffn_gate.weight", (I, H))
+        add(f"blk.{i}.ffn_up.weight", (I, H))
+        add(f"blk.{i}.ffn_down.weight", (H, I))
+    add("output_norm.weight", (H,))
+    add("output.weight", (V, H))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def assert_plain_model(model):
+    """No trace of quantization: what transformers' save_pretrained refuses a model for."""
+    assert getattr(model, "hf_quantizer", None) is None and not getattr(model, "is_quantized", False)
+    assert getattr(model.config, "quantization_config", None) is None
+    assert not hasattr(model.config, "_is_quantized")
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_gguf_loads_as_a_plain_model_that_saves_and_reloads(tmp_path, capfd):
+    pytest.importorskip("gguf")
+    import json
+
+    import cqil_kernels as ck
+
+    gguf_file = write_tiny_gguf(tmp_path / "tiny.gguf", num_layers=4)
+    capfd.readouterr()
+    model, tok = load_model(gguf_file, progress=False)
+    assert "%|" not in capfd.readouterr().err  # --no-progress: the GGUF reader's bar is hidden too
+    assert_plain_model(model)
+    ids = torch.tensor([tok("w1 w2 abc", add_special_tokens=True)["input_ids"]])
+    with torch.no_grad():
+        want = model(ids).logits
+
+    # a plain save/reload, as after loading
+    model.save_pretrained(tmp_path / "plain")
+    tok.save_pretrained(tmp_path / "plain")
+    assert "quantization_config" not in json.loads((tmp_path / "plain" / "config.json").read_text())
+    again, tok2 = load_model(tmp_path / "plain")
+    assert tok2("w1 w2 abc")["input_ids"] == tok("w1 w2 abc")["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, want, atol=0, rtol=0)
+
+    # converted, saved (what `distill --out` does) and reloaded through from_pretrained
+    ck.convert(model, ck.CQILPlan([[1, 2]]), backend="torch")
+    with torch.no_grad():
+        converted = model(ids).logits
+    model.save_pretrained(tmp_path / "converted")
+    reloaded = ck.from_pretrained(tmp_path / "converted", backend="torch")
+    assert ck.get_plan(reloaded) == ck.CQILPlan([[1, 2]])
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, converted, atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_embedded_smollm2_saves_as_a_plain_model(request, tmp_path):
+    if "slow" not in (request.config.getoption("markexpr") or ""):
+        pytest.skip("loads the real SmolLM2 (~20 s); run with -m slow")
+    model, tok = load_model(progress=False)
+    assert_plain_model(model)
+    model.save_pretrained(tmp_path)
+    again, _ = load_model(tmp_path)
+    ids = torch.tensor([tok("The sky is blue because")["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, model(ids).logits, atol=0, rtol=0)
 
 
 @pytest.mark.slow
