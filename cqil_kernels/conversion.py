@@ -129,7 +129,8 @@ def convert(model, plan: CQILPlan | dict | None = None, backend: str = "auto"):
 
     Args:
         model: a transformers Llama/Mistral/Qwen2/Qwen3 causal LM (or base model).
-        plan: the groups and bypass; None reads ``model.config.cqil`` (e.g. after from_pretrained).
+        plan: the groups and bypass (one d for all groups or one per group); None reads
+            ``model.config.cqil`` (e.g. after from_pretrained).
         backend: "torch" (reference, any device), "triton" (fused kernels) or "auto" (Triton on
             CUDA when available, else torch).
 
@@ -163,8 +164,8 @@ def convert(model, plan: CQILPlan | dict | None = None, backend: str = "auto"):
     # (Stacking copies values into new buffers and re-points the same Parameter objects: should
     # it fail half way, the model still computes exactly as before.)
     built = [
-        CQILGroup([layers[i] for i in group], group, plan.bypass, family, backend)
-        for group in plan.groups
+        CQILGroup([layers[i] for i in group], group, plan.bypass_of(gi), family, backend)
+        for gi, group in enumerate(plan.groups)
         if len(group) > 1  # a one-layer group is that layer, sequential
     ]
     for g in built:
