@@ -1,4 +1,4 @@
-"""Command line: ``python -m cqil_kernels analyze|search|eval|generate|main``.
+"""Command line: ``python -m cqil_kernels analyze|search|eval|generate|calibrate|distill|main``.
 
 Every command works offline on the embedded SmolLM2-135M by default (``--model`` takes a local HF
 directory or a .gguf file instead). Errors the user can fix (missing file, bad plan, unknown
@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 from .distill import add_distill_arguments, run_distill_from_args  # peft is imported only when distilling
@@ -88,6 +89,42 @@ def _search_args(parser: argparse.ArgumentParser, groups_default: int | None) ->
     g.add_argument("--swap-rounds", type=int, default=0, help="rounds of trying to swap chosen groups (default 0)")
     g.add_argument("--contiguous-top", type=int, default=4,
                    help="contiguous windows measured for comparison (default 4; -1: all)")
+    g.add_argument("--corrected", action="store_true",
+                   help="rank candidates by their cost after the training-free correction (calibrate): "
+                   "every measured plan is calibrated first (slower)")
+
+
+def _calibrate_args(parser: argparse.ArgumentParser) -> None:
+    """The options of the training-free correction (``cqil_kernels.calibrate``)."""
+    from .calibrate import FOLDS, MAPS, TARGETS
+
+    g = parser.add_argument_group("training-free correction (calibrate)")
+    g.add_argument("--map", choices=MAPS, default="full",
+                   help="the correction per group: full H x H (default), lowrank, or diagonal (per channel)")
+    g.add_argument("--rank", type=_positive_int, default=64, help="rank of --map lowrank (default 64)")
+    g.add_argument("--target", choices=TARGETS, default="normalized",
+                   help="fit errors as the next layer's norm sees them (normalized, default) or on the residual stream")
+    g.add_argument("--fold", choices=FOLDS, default="both",
+                   help="fold into o_proj and down_proj (both, default) or down_proj only (mlp: exact, weaker)")
+    g.add_argument("--bypass-choice", choices=["search", "plan"], default="search",
+                   help="search: try d = 0..P-1 per group and keep the best after correction (default); "
+                   "plan: the plan's own bypass")
+    g.add_argument("--ridge", type=_nonneg_float, default=None,
+                   help="ridge strength relative to the mean diagonal (default: chosen on held-back windows)")
+    g.add_argument("--refit", type=int, default=0, help="extra fits per group with the map folded in (default 0)")
+    g.add_argument("--holdout", type=float, default=0.25,
+                   help="fraction of the windows held back to choose the ridge and d (default 0.25)")
+
+
+def _calibrate_kwargs(args) -> dict:
+    if args.ridge is not None and args.ridge <= 0:
+        raise CLIError(f"--ridge must be > 0, got {args.ridge}")
+    if args.refit < 0:
+        raise CLIError(f"--refit must be >= 0, got {args.refit}")
+    if not 0 <= args.holdout < 1:
+        raise CLIError(f"--holdout must be in [0, 1), got {args.holdout}")
+    return dict(map=args.map, rank=args.rank, target=args.target, fold=args.fold, bypass=args.bypass_choice,
+                ridge=args.ridge, refit=args.refit, holdout=args.holdout)
 
 
 
@@ -146,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="write prompt, outputs and tokens/s as JSON here")
     p.set_defaults(func=cmd_generate)
 
+    _add_calibrate_command(sub)
+
     p = sub.add_parser("main", help="the whole job: analyze, search, convert, evaluate, generate, report",
                        description="End to end on the model: analyze and search on calibration text, "
                        "convert, evaluate on different text, generate a sample, print a table and "
@@ -159,6 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help="prompt for the generated sample")
     p.add_argument("--max-new-tokens", type=_positive_int, default=32, help="tokens to generate (default 32)")
     p.add_argument("--out", default="reports", help="report folder (default reports/)")
+    p.add_argument("--calibrate-windows", type=int, default=16,
+                   help="windows of the calibration text (seq-len tokens each) for the training-free correction "
+                   "of the searched plan (default 16, about a minute on 2 CPU cores; 0: no correction)")
+    _calibrate_args(p)
     # On by default: the measured setting that recovers most within the CPU budget (SmolLM2, 4 pairs:
     # +24.7% -> +16.9% held-out perplexity, 60 steps on all layers, ~4 min); --distill-steps 0 skips it.
     add_distill_arguments(p, default_steps=60)
@@ -177,6 +220,25 @@ def build_parser() -> argparse.ArgumentParser:
     add_distill_arguments(p, default_steps=200)
     p.set_defaults(func=cmd_distill)
     return parser
+
+
+def _add_calibrate_command(sub) -> None:
+    p = sub.add_parser("calibrate", help="training-free correction of a plan, folded into the weights",
+                       description="Fit a linear correction per group of --plan on calibration text (closed form, "
+                       "ridge toward the identity), fold it into each group's o_proj/down_proj, choose the bypass "
+                       "per group by measurement, and save the corrected converted model to --out (plain weights, "
+                       "the plan in config.json: reload with cqil_kernels.from_pretrained).")
+    _common(p, seq_len=512, max_windows=16)
+    p.add_argument("--plan", required=True, help="plan JSON")
+    p.add_argument("--text", "--calib-text", dest="text", default=None,
+                   help="calibration text (default: built-in text, calibration half)")
+    p.add_argument("--eval-text", default=None,
+                   help="also measure the plan before and after on this held-out text (never the calibration text)")
+    p.add_argument("--eval-windows", type=_positive_int, default=8, help="held-out windows (default 8)")
+    p.add_argument("--out", default=None, help="save the calibrated model and tokenizer here (save_pretrained)")
+    p.add_argument("--report", default=None, help="write the calibration result (JSON) here")
+    _calibrate_args(p)
+    p.set_defaults(func=cmd_calibrate)
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -312,7 +374,8 @@ def cmd_search(args) -> int:
                     rank_metric=args.rank_metric, exclude=exclude, bypass=args.bypass, seed=args.seed,
                     beam=args.beam, swap_rounds=args.swap_rounds,
                     contiguous_top=None if args.contiguous_top < 0 else args.contiguous_top,
-                    analysis=analysis, batch_size=args.batch_size, progress=_progress(args), backend=args.backend)
+                    analysis=analysis, batch_size=args.batch_size, progress=_progress(args), backend=args.backend,
+                    corrected=args.corrected)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     result.plan.to_json(out)
@@ -389,7 +452,8 @@ def cmd_generate(args) -> int:
 
 
 def cmd_main(args) -> int:
-    """analyze -> search -> convert -> evaluate on other text -> generate -> table + reports."""
+    """analyze -> search -> convert -> evaluate on other text -> generate -> calibrate -> evaluate ->
+    distill -> table + reports."""
     from .evaluate import compare_plans, plan_applied
     from .plan import CQILPlan
     from .report import environment, format_table, write_json
@@ -413,7 +477,8 @@ def cmd_main(args) -> int:
                     rank_metric=args.rank_metric, exclude=exclude, bypass=args.bypass, seed=args.seed,
                     beam=args.beam, swap_rounds=args.swap_rounds,
                     contiguous_top=None if args.contiguous_top < 0 else args.contiguous_top,
-                    batch_size=args.batch_size, progress=_progress(args), backend=args.backend)
+                    batch_size=args.batch_size, progress=_progress(args), backend=args.backend,
+                    corrected=args.corrected)
     timings["analyze"] = result.analysis.seconds
     timings["search"] = time.perf_counter() - t0 - result.analysis.seconds
     plan = result.plan
@@ -438,14 +503,27 @@ def cmd_main(args) -> int:
             samples[name] = generate_text(model, tok, args.prompt, args.max_new_tokens)
     timings["generate"] = time.perf_counter() - t0
 
-    # Optional: recover quality with LoRA + KL distillation. After it, reverting no longer gives the
-    # original model, so it runs after everything that needs the original (base numbers, samples);
-    # its before/after numbers are measured against the original's log-probs.
+    # The training-free correction (calibrate): after it the weights differ from the original, so
+    # it runs after everything that needs the original plain (base numbers, samples); its held-out
+    # numbers are measured against the original model (result.sequential_original).
+    cres = cal_eval = None
+    if args.calibrate_windows > 0:
+        t0 = time.perf_counter()
+        cres, cal_eval, samples["cqil + calibration"] = _main_calibrate(args, model, tok, plan, evalw)
+        cres.to_json(out / "calibration.json")
+        timings["calibrate"] = time.perf_counter() - t0
+
+    # Optional: recover quality with LoRA + KL distillation, on top of the calibration when there is
+    # one. After it, reverting no longer gives the original model, so it runs after everything that
+    # needs the original; its before/after numbers are measured against the original's log-probs,
+    # and its teacher is the original model (with calibration: through sequential_original).
     distilled = None
     if args.distill_steps > 0:
         t0 = time.perf_counter()
-        with plan_applied(model, plan, args.backend):
-            dres = run_distill_from_args(args, model, tok, plan, eval_windows=evalw)
+        dplan = cres.plan if cres is not None else plan
+        with (cres.sequential_original(model) if cres is not None else nullcontext()), \
+                plan_applied(model, dplan, args.backend):
+            dres = run_distill_from_args(args, model, tok, dplan, eval_windows=evalw)
         distilled = dres.after
         timings["distill"] = time.perf_counter() - t0
 
@@ -460,8 +538,13 @@ def cmd_main(args) -> int:
         rows.append(["cqil (contiguous)", _groups_str(contiguous.groups), n, contiguous.num_sequential_steps(n),
                      evals[1].perplexity, evals[1].ppl_increase * 100, evals[1].kl, evals[1].top1_agreement,
                      evals[1].tokens_per_second, None])
+    if cal_eval is not None:
+        rows.append(["cqil (search) + calibration", _groups_str(plan.groups), n, plan.num_sequential_steps(n),
+                     cal_eval.perplexity, cal_eval.ppl_increase * 100, cal_eval.kl, cal_eval.top1_agreement, None,
+                     samples["cqil + calibration"]["tokens_per_second"]])
     if distilled is not None:
-        rows.append([f"cqil (search) + distilled {dres.steps} steps", _groups_str(plan.groups), n,
+        label = "cqil (search) + calibration + distilled" if cres is not None else "cqil (search) + distilled"
+        rows.append([f"{label} {dres.steps} steps", _groups_str(plan.groups), n,
                      plan.num_sequential_steps(n), distilled["perplexity"], distilled["ppl_increase"] * 100,
                      distilled["kl"], distilled["top1_agreement"], None, None])
     table = format_table(header, rows)
@@ -479,6 +562,8 @@ def cmd_main(args) -> int:
             "search_plan": evals[0].to_dict(),
             "contiguous_plan": evals[1].to_dict() if contiguous is not None else None,
         },
+        "calibration_correction": None if cres is None else {
+            **cres.to_dict(), "held_out": cal_eval.to_dict()},
         "distillation": dres.to_dict() if distilled is not None else None,
         "samples": samples,
         "timings_s": timings,
@@ -493,6 +578,84 @@ def cmd_main(args) -> int:
     print(f"\nwall time {timings['total']:.0f} s; reports in {out}/ (main.json, plan.json, search.json, "
           "analysis.json, analysis.png)")
     return 0
+
+
+def _print_calibration(result) -> None:
+    from .report import format_table
+
+    rows = []
+    for g in result.groups:
+        rows.append([_groups_str([g.group]), g.bypass, g.ridge, g.plain_error, g.corrected_error,
+                     g.fold_gap, g.tokens.get("fit"), g.seconds])
+    print(format_table(["group", "d", "ridge", "err plain", "err corrected", "fold gap", "fit tokens", "s"], rows))
+    print(f"calibrated {len(result.groups)} groups in {result.seconds:.1f} s ({result.settings['map']} map, "
+          f"{result.settings['target']} target, fold {result.settings['fold']}); errors: held-back output error "
+          "relative to the sequential delta")
+
+
+def cmd_calibrate(args) -> int:
+    """--plan + calibration text -> fit + fold per group -> (held-out before/after) -> save."""
+    from .calibrate import calibrate
+    from .evaluate import compare_plans
+
+    options = _calibrate_kwargs(args)
+    if args.text is not None and args.text == args.eval_text:
+        raise CLIError("--eval-text is the calibration text: a held-out measure needs another text")
+    if args.out is not None and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise CLIError(f"--out {args.out} exists and is not a folder")
+    model, tok = _load(args)
+    plan = _read_plan(args.plan, _num_layers(model))
+    if not plan.parallel_groups:
+        raise CLIError(f"plan {args.plan} has no group of 2 or more layers: nothing to calibrate")
+    windows = _windows(args, tok, args.text, "calib", args.max_windows)
+    evalw = _windows(args, tok, args.eval_text, "eval", args.eval_windows) if args.eval_text else None
+    plain = None
+    if evalw is not None:
+        base, (plain,) = compare_plans(model, evalw, [plan], batch_size=args.batch_size, progress=_progress(args),
+                                       backend=args.backend, desc="held-out, before")
+    result = calibrate(model, plan, windows, batch_size=args.batch_size, backend=args.backend,
+                       keep_original=evalw is not None, progress=_progress(args), **options)
+    _print_calibration(result)
+    if evalw is not None:
+        with result.sequential_original(model):
+            _, (after,) = compare_plans(model, evalw, [result.plan], batch_size=args.batch_size,
+                                        progress=_progress(args), backend=args.backend, desc="held-out, after")
+        result.original_weights = None  # not saved, not needed any more
+        print(f"held-out {evalw.source}: perplexity {plain.ppl_increase:+.1%} -> {after.ppl_increase:+.1%}, "
+              f"KL {plain.kl:.4f} -> {after.kl:.4f}, top-1 {plain.top1_agreement:.3f} -> {after.top1_agreement:.3f} "
+              f"(base perplexity {base.perplexity:.3f})")
+    if args.report:
+        Path(args.report).parent.mkdir(parents=True, exist_ok=True)
+        result.to_json(args.report)
+    if args.out:
+        model.save_pretrained(args.out)
+        tok.save_pretrained(args.out)
+        print(f"saved the calibrated model to {args.out} (plan {result.plan.to_json()}; "
+              "reload with cqil_kernels.from_pretrained)")
+    return 0
+
+
+def _main_calibrate(args, model, tok, plan, evalw):
+    """The training-free correction of the searched plan on ``--calibrate-windows`` windows of the
+    calibration text, measured on the held-out windows against the original model.
+
+    Returns (CalibrationResult, held-out EvalResult, generated sample). The model is left converted
+    to the calibrated plan; ``result.sequential_original(model)`` still gives the original model
+    reverted (the base of the held-out measure, and distillation's teacher).
+    """
+    from .calibrate import calibrate
+    from .evaluate import compare_plans
+
+    fit_windows = _windows(args, tok, args.calib_text, "calib", args.calibrate_windows)
+    result = calibrate(model, plan, fit_windows, batch_size=args.batch_size, backend=args.backend,
+                       keep_original=True, progress=_progress(args), **_calibrate_kwargs(args))
+    with result.sequential_original(model):
+        # prefix reuse: the layers before the first group compute the same in both models
+        _, (held_out,) = compare_plans(model, evalw, [result.plan], batch_size=args.batch_size,
+                                       progress=_progress(args), backend=args.backend,
+                                       desc="held-out evaluation (calibrated)")
+    sample = generate_text(model, tok, args.prompt, args.max_new_tokens)
+    return result, held_out, sample
 
 
 def cmd_distill(args) -> int:

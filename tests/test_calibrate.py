@@ -430,3 +430,80 @@ def test_smollm2_two_pairs_held_out():
     with res.sequential_original(model):
         _, (cal,) = ck.compare_plans(model, held, [res.plan], progress=False)
     assert cal.kl < plain.kl and cal.ppl_increase < plain.ppl_increase
+
+
+# ------------------------------------------------------------------------------------ command line
+@pytest.fixture(scope="module")
+def cli_files(tmp_path_factory):
+    from test_loading import save_tiny_model
+
+    root = tmp_path_factory.mktemp("calib_cli")
+    save_tiny_model(root / "model", num_layers=6)
+    texts = {}
+    for name, line in (("calib", "It is a truth universally acknowledged, that a single man in possession of a "
+                                 "good fortune, must be in want of a wife."),
+                       ("eval", "The family of Dashwood had long been settled in Sussex, their estate was large.")):
+        texts[name] = root / f"{name}.txt"
+        texts[name].write_text((line + "\n\n") * 40, encoding="utf-8")
+    plan = root / "plan.json"
+    ck.CQILPlan([[1, 2], [3, 4]]).to_json(plan)
+    return root, texts, plan
+
+
+FAST = ["--seq-len", "24", "--no-progress", "--backend", "torch"]
+
+
+def test_cli_calibrate_saves_a_reloadable_calibrated_model(cli_files, tmp_path, capsys):
+    from cqil_kernels.cli import main
+
+    root, texts, plan = cli_files
+    out, report = tmp_path / "calibrated", tmp_path / "calibration.json"
+    assert main(["calibrate", "--model", str(root / "model"), "--plan", str(plan), "--text", str(texts["calib"]),
+                 "--eval-text", str(texts["eval"]), "--eval-windows", "2", "--max-windows", "12",
+                 "--out", str(out), "--report", str(report), *FAST]) == 0
+    printed = capsys.readouterr().out
+    assert "err corrected" in printed and "held-out" in printed and "saved the calibrated model" in printed
+    data = json.loads(report.read_text())
+    model = ck.from_pretrained(out, backend="torch")
+    assert ck.get_plan(model).to_dict() == data["plan"]
+    assert json.loads((out / "config.json").read_text())["cqil_calibration"]["plan"] == data["plan"]
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--eval-text", "{calib}"], "--eval-text is the calibration text"),
+        (["--ridge", "0"], "--ridge must be > 0"),
+        (["--holdout", "1.5"], "--holdout must be in [0, 1)"),
+        (["--max-windows", "1"], "needs windows held back"),
+    ],
+)
+def test_cli_calibrate_errors_exit_2(cli_files, extra, message, capsys):
+    from cqil_kernels.cli import main
+
+    root, texts, plan = cli_files
+    extra = [e.format(calib=texts["calib"]) for e in extra]
+    argv = ["calibrate", "--model", str(root / "model"), "--plan", str(plan), "--text", str(texts["calib"]), *FAST]
+    assert main(argv + extra) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_cli_main_job_calibrates_then_distills_on_top(cli_files, tmp_path, capsys):
+    from cqil_kernels.cli import main
+
+    root, texts, _ = cli_files
+    out = tmp_path / "reports"
+    assert main(["main", "--model", str(root / "model"), "--calib-text", str(texts["calib"]),
+                 "--eval-text", str(texts["eval"]), "--groups", "2", "--calib-windows", "2", "--eval-windows", "2",
+                 "--calibrate-windows", "12", "--max-new-tokens", "2", "--beam", "1", "--contiguous-top", "0",
+                 "--out", str(out), "--distill-steps", "2", "--distill-seq-len", "24", "--distill-windows", "4",
+                 "--distill-batch-size", "2", *FAST]) == 0
+    printed = capsys.readouterr().out
+    assert "cqil (search) + calibration " in printed and "+ calibration + distilled 2 steps" in printed
+    report = json.loads((out / "main.json").read_text())
+    cal = report["calibration_correction"]
+    assert cal["held_out"]["kl"] >= 0 and len(cal["groups"]) == 2
+    assert (out / "calibration.json").is_file()
+    # distillation started from the calibrated model and measured against the original
+    assert report["distillation"]["before"]["kl"] == pytest.approx(cal["held_out"]["kl"], rel=1e-4)
