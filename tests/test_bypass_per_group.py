@@ -88,3 +88,33 @@ def test_save_reload_keeps_the_per_group_bypass(tmp_path):
     with torch.no_grad():
         after = again(input_ids=ids, attention_mask=mask).logits
     assert torch.equal(before, after)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=[pytest.mark.interpreter, pytest.mark.slow])])
+def test_decode_engine_matches_the_reference(backend, monkeypatch):
+    """The decode engine (segments are the groups, each with its own d) gives the oracle's tokens."""
+    if backend == "triton":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    plan = ck.CQILPlan([[1, 2, 3], [4, 5]], bypass=[2, 1])
+    model = make_tiny("llama", num_layers=6)
+    ref = reference_model(model, plan.groups, plan.bypasses)
+    ck.convert(model, plan, backend="torch")
+    ids, mask = left_padded_batch(lengths=(7, 4))
+    want = ref.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    engine = ck.DecodeEngine(model, max_batch_size=2, max_length=20, backend=backend, cuda_graph=False)
+    assert torch.equal(engine.generate(ids, mask, max_new_tokens=6), want)
+
+
+@pytest.mark.interpreter
+def test_triton_backend_matches_the_reference(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    plan = ck.CQILPlan([[1, 2, 3], [4, 5]], bypass=[2, 0])
+    model = make_tiny("qwen2", num_layers=6)
+    ref = reference_model(model, plan.groups, plan.bypasses)
+    ck.convert(model, plan, backend="triton")
+    ids, mask = left_padded_batch(lengths=(6, 4))
+    with torch.no_grad():
+        got = model(input_ids=ids, attention_mask=mask).logits
+        want = ref(input_ids=ids, attention_mask=mask).logits
+    valid = mask.bool()
+    assert err(got[valid], want[valid]) <= 1e-3
