@@ -586,13 +586,12 @@ def _rel(e: float | None, energy: float) -> float | None:
     return e / energy if energy > 0 else 0.0
 
 
-def _fit_group(model, layers, group, plan_d: int, search_bypass: bool, chunks: _Chunks, opts: _Options, g2, progress):
-    """Choose d and the ridge on the held-back chunks, fit the final map on all chunks.
+def _candidate_maps(model, layers, group, ds, chunks: _Chunks, opts: _Options, g2, progress):
+    """Every bypass candidate d: its moments, the ridge chosen on the held-back chunks, the map
+    fitted on the fit chunks, and its held-back errors (plain, linear, folded).
 
-    Returns (GroupCalibration without timing, map or None). Nothing is changed in the model.
+    Returns (candidates, fitted {d: (ridge, map)}, fit moments, held moments) per d in ``ds``.
     """
-    P = len(group)
-    ds = list(range(P)) if search_bypass else [plan_d]
     has_held = len(chunks.held) > 0
     fit_m = _collect(model, layers, group, chunks, chunks.keys("fit"), [(d, None) for d in ds], opts, progress)
     held_m = (_collect(model, layers, group, chunks, chunks.keys("held"), [(d, None) for d in ds], opts, progress)
@@ -600,7 +599,6 @@ def _fit_group(model, layers, group, plan_d: int, search_bypass: bool, chunks: _
     for m in fit_m + (held_m or []):
         if not m.finite():
             raise ValueError(f"group {list(group)}: non-finite activations on the calibration windows")
-
     candidates, fitted = [], {}
     for k, d in enumerate(ds):
         fm = fit_m[k]
@@ -634,36 +632,41 @@ def _fit_group(model, layers, group, plan_d: int, search_bypass: bool, chunks: _
         for (d, _), m in zip(measured, folded_m):
             c = next(c for c in candidates if c["bypass"] == d)
             c["corrected_error"] = _rel(m.error(None, g2), c["_energy"])
+    for c in candidates:
+        c.pop("_energy", None)
+    return candidates, fitted, fit_m, held_m
 
-    # choose: the lowest held-back error of the folded group, or of the plain group when no map helps
+
+def _choose(candidates, fitted, has_held: bool) -> tuple[dict, bool]:
+    """The candidate with the lowest held-back error of the folded group, or of the plain group
+    when no map helps; and whether to use its map."""
+
     def score(c):
-        options = [v for v in (c.get("corrected_error"), c.get("plain_error")) if v is not None]
         if not has_held and c.get("ridge") is not None:
             return 0.0  # nothing to choose with: the one d, corrected
+        options = [v for v in (c.get("corrected_error"), c.get("plain_error")) if v is not None]
         return min(options) if options else math.inf
 
     best = min(candidates, key=lambda c: (score(c), c["bypass"]))
     d = best["bypass"]
-    use_map = best.get("ridge") is not None and d in fitted and fitted[d][1] is not None and (
-        not has_held or best["corrected_error"] is not None and best["corrected_error"] < best["plain_error"])
-    k = ds.index(d)
-    all_m = fit_m[k].merged(held_m[k]) if has_held else fit_m[k]
-    energy_all = all_m.energy(g2)
-    A = _fit_map(all_m, fitted[d][0], opts.map, opts.rank, g2) if use_map else None
-    if use_map and A is None:
-        warnings.warn(f"group {list(group)}: the final system is singular; no correction")
-        use_map = False
-    fit_error = _rel(all_m.error(A, g2), energy_all)
+    use_map = best.get("ridge") is not None and fitted.get(d, (None, None))[1] is not None and (
+        not has_held or (best["corrected_error"] is not None and best["corrected_error"] < best["plain_error"]))
+    return best, use_map
 
-    refits = []
-    for r in range(opts.refit if use_map else 0):
+
+def _refit_rounds(model, layers, group, d, A, ridge, chunks: _Chunks, opts: _Options, g2, progress):
+    """Refit on the group's output with ``A`` folded in, composing maps; a round is kept only when
+    its map (fitted on the fit chunks) lowers the held-back error. Returns (A, fit_error, log)."""
+    has_held = len(chunks.held) > 0
+    log, fit_error = [], None
+    for r in range(opts.refit):
         rf = _collect(model, layers, group, chunks, chunks.keys("fit"), [(d, A)], opts, progress)[0]
         rh = (_collect(model, layers, group, chunks, chunks.keys("held"), [(d, A)], opts, progress)[0]
               if has_held else None)
         if has_held and opts.ridge is None:
             ridge2, A2fit, lin2 = _choose_ridge(rf, rh, opts.map, opts.rank, g2, opts.grid)
         else:
-            ridge2 = opts.ridge if opts.ridge is not None else fitted[d][0]
+            ridge2 = opts.ridge if opts.ridge is not None else ridge
             A2fit = _fit_map(rf, ridge2, opts.map, opts.rank, g2)
             lin2 = rh.error(A2fit, g2) if has_held and A2fit is not None else None
         before = rh.error(None, g2) if has_held else None
@@ -672,7 +675,7 @@ def _fit_group(model, layers, group, plan_d: int, search_bypass: bool, chunks: _
         if has_held:
             e = rh.energy(g2)
             entry.update(error_before=_rel(before, e), linear_error=_rel(lin2, e))
-        refits.append(entry)
+        log.append(entry)
         if not accept:
             break
         all_r = rf.merged(rh) if has_held else rf
@@ -681,15 +684,36 @@ def _fit_group(model, layers, group, plan_d: int, search_bypass: bool, chunks: _
             break
         A = _compose(A2, A)
         fit_error = _rel(all_r.error(A2, g2), all_r.energy(g2))
+    return A, fit_error, log
 
-    for c in candidates:
-        c.pop("_energy", None)
+
+def _fit_group(model, layers, group, plan_d: int, search_bypass: bool, chunks: _Chunks, opts: _Options, g2, progress):
+    """Choose d and the ridge on the held-back chunks, fit the final map on all chunks.
+
+    Returns (GroupCalibration without timing, map or None). Nothing is changed in the model.
+    """
+    ds = list(range(len(group))) if search_bypass else [plan_d]
+    has_held = len(chunks.held) > 0
+    candidates, fitted, fit_m, held_m = _candidate_maps(model, layers, group, ds, chunks, opts, g2, progress)
+    best, use_map = _choose(candidates, fitted, has_held)
+    d, k = best["bypass"], ds.index(best["bypass"])
+    all_m = fit_m[k].merged(held_m[k]) if has_held else fit_m[k]
+    A = _fit_map(all_m, fitted[d][0], opts.map, opts.rank, g2) if use_map else None
+    if use_map and A is None:
+        warnings.warn(f"group {list(group)}: the final system is singular; no correction")
+        use_map = False
+    fit_error = _rel(all_m.error(A, g2), all_m.energy(g2))
+    refits = []
+    if use_map and opts.refit:
+        A, refit_error, refits = _refit_rounds(model, layers, group, d, A, fitted[d][0], chunks, opts, g2, progress)
+        fit_error = refit_error if refit_error is not None else fit_error
+    gap = None
+    if use_map and best.get("corrected_error") is not None and best.get("linear_error"):
+        gap = best["corrected_error"] / best["linear_error"] - 1.0
     info = GroupCalibration(
         group=list(group), bypass=d, ridge=fitted[d][0] if use_map else None, corrected=bool(use_map),
         plain_error=best.get("plain_error"), linear_error=best.get("linear_error") if use_map else None,
-        corrected_error=best.get("corrected_error") if use_map else None,
-        fold_gap=(best["corrected_error"] / best["linear_error"] - 1.0)
-        if use_map and best.get("corrected_error") is not None and best.get("linear_error") else None,
+        corrected_error=best.get("corrected_error") if use_map else None, fold_gap=gap,
         fit_error=fit_error, candidates=candidates, refits=refits,
         tokens={"fit": fit_m[k].tokens, "held": held_m[k].tokens if has_held else 0},
     )
