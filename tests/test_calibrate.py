@@ -381,6 +381,19 @@ def test_zero_layer_outputs_fall_back_to_no_correction_with_a_warning():
     assert not res.groups[0].corrected
 
 
+def test_singular_systems_give_an_error_or_fall_back_with_a_warning(monkeypatch):
+    monkeypatch.setattr(calibrate_module, "_fit_map", lambda *a, **k: None)  # every system singular
+    model = make_tiny("llama", num_layers=6)
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match="singular; use a larger ridge"):
+        calibrate(model, ck.CQILPlan([[1, 2]]), windows(), ridge=1e-9, progress=False, backend="torch")
+    assert_same(model, snap)
+    with pytest.warns(UserWarning, match="every ridge system was singular"):
+        res = calibrate(model, ck.CQILPlan([[1, 2]]), windows(), progress=False, backend="torch")
+    assert not res.groups[0].corrected
+    assert all(torch.equal(v, snap[1][k]) for k, v in model.state_dict().items())  # nothing folded
+
+
 # ------------------------------------------------------------------------------------ memory
 def test_statistics_do_not_grow_with_the_tokens(monkeypatch):
     seen = {"rows": 0, "shapes": set()}
