@@ -490,7 +490,8 @@ def cmd_main(args) -> int:
     # Held-out evaluation: the found plan and the best contiguous plan against the base, one base
     # forward per batch for both; full forwards (no prefix reuse) so that tokens/s are comparable.
     t0 = time.perf_counter()
-    contiguous = CQILPlan(result.best_contiguous["groups"], bypass=plan.bypass) if result.best_contiguous else None
+    contiguous = (CQILPlan(result.best_contiguous["groups"], bypass=result.best_contiguous["bypass"])
+                  if result.best_contiguous else None)
     plans = [plan] + ([contiguous] if contiguous is not None else [])
     base, evals = compare_plans(model, evalw, plans, batch_size=args.batch_size, progress=_progress(args),
                                 backend=args.backend, reuse_prefix=False, desc="held-out evaluation")
