@@ -6,6 +6,7 @@ handlers and never touches CUDA. Triton kernels are imported only when a Triton 
 
 from . import distributed  # noqa: F401  (cqil_kernels.distributed.init(), ...; creates no process group)
 from .analysis import GroupCost, LayerAnalysis, analyze
+from .calibrate import CalibrationResult, GroupCalibration, calibrate
 from .conversion import convert, from_pretrained, get_plan, is_converted, revert
 from .distill import DistillResult, distill
 from .engine import DecodeEngine, generate
@@ -48,6 +49,9 @@ __all__ = [
     "search",
     "SearchResult",
     # recovering quality after conversion
+    "calibrate",
+    "CalibrationResult",
+    "GroupCalibration",
     "distill",
     "DistillResult",
     "__version__",

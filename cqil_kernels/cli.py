@@ -1,4 +1,4 @@
-"""Command line: ``python -m cqil_kernels analyze|search|eval|generate|main|distill``.
+"""Command line: ``python -m cqil_kernels analyze|search|eval|generate|calibrate|distill|main``.
 
 Every command works offline on the embedded SmolLM2-135M by default (``--model`` takes a local HF
 directory or a .gguf file instead). Errors the user can fix (missing or unreadable file, bad plan,
@@ -14,7 +14,7 @@ import math
 import os
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 __all__ = ["main", "build_parser", "generate_text", "add_distill_arguments", "run_distill_from_args"]
@@ -127,6 +127,42 @@ def _search_args(parser: argparse.ArgumentParser, groups_default: int | None, be
     g.add_argument("--swap-rounds", type=_nonneg_int, default=0, help="rounds of trying to swap chosen groups (default 0)")
     g.add_argument("--contiguous-top", type=_int_at_least(-1, "an integer >= -1"), default=contiguous_top,
                    help="contiguous windows measured for comparison (default %(default)s; -1: all)")
+    g.add_argument("--corrected", action="store_true",
+                   help="rank candidates by their cost after the training-free correction (calibrate): "
+                   "every measured plan is calibrated first (slower)")
+
+
+def _calibrate_args(parser: argparse.ArgumentParser) -> None:
+    """The options of the training-free correction (``cqil_kernels.calibrate``)."""
+    from .calibrate import FOLDS, MAPS, TARGETS
+
+    g = parser.add_argument_group("training-free correction (calibrate)")
+    g.add_argument("--map", choices=MAPS, default="full",
+                   help="the correction per group: full H x H (default), lowrank, or diagonal (per channel)")
+    g.add_argument("--rank", type=_positive_int, default=64, help="rank of --map lowrank (default 64)")
+    g.add_argument("--target", choices=TARGETS, default="normalized",
+                   help="fit errors as the next layer's norm sees them (normalized, default) or on the residual stream")
+    g.add_argument("--fold", choices=FOLDS, default="both",
+                   help="fold into o_proj and down_proj (both, default) or down_proj only (mlp: exact, weaker)")
+    g.add_argument("--bypass-choice", choices=["search", "plan"], default="search",
+                   help="search: try d = 0..P-1 per group and keep the best after correction (default); "
+                   "plan: the plan's own bypass")
+    g.add_argument("--ridge", type=_nonneg_float, default=None,
+                   help="ridge strength relative to the mean diagonal (default: chosen on held-back windows)")
+    g.add_argument("--refit", type=_nonneg_int, default=0, help="extra fits per group with the map folded in (default 0)")
+    g.add_argument("--holdout", type=float, default=0.25,
+                   help="fraction of the windows held back to choose the ridge and d (default 0.25)")
+
+
+def _calibrate_kwargs(args) -> dict:
+    if args.ridge is not None and args.ridge <= 0:
+        raise CLIError(f"--ridge must be > 0, got {args.ridge}")
+    if args.refit < 0:
+        raise CLIError(f"--refit must be >= 0, got {args.refit}")
+    if not 0 <= args.holdout < 1:
+        raise CLIError(f"--holdout must be in [0, 1), got {args.holdout}")
+    return dict(map=args.map, rank=args.rank, target=args.target, fold=args.fold, bypass=args.bypass_choice,
+                ridge=args.ridge, refit=args.refit, holdout=args.holdout)
 
 
 def add_distill_arguments(parser, default_steps: int = 0, *, optional: bool = True, lr: float = 5e-4,
@@ -166,7 +202,7 @@ def add_distill_arguments(parser, default_steps: int = 0, *, optional: bool = Tr
 MAIN_DISTILL = dict(default_steps=20, lr=1e-3, target="all", batch_size=4, seq_len=256, windows=48)
 #: the main job's search and evaluation: sized with the distillation to fit ~9 minutes on 2 CPU cores
 MAIN_SEARCH = dict(beam=2, contiguous_top=2)
-MAIN_WINDOWS = dict(calib=4, eval=12)
+MAIN_WINDOWS = dict(calib=4, eval=12, calibrate=16)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -224,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="write prompt, outputs and tokens/s as JSON here")
     p.set_defaults(func=cmd_generate)
 
+    _add_calibrate_command(sub)
+
     p = sub.add_parser("main", help="the whole job: analyze, search, convert, evaluate, generate, report",
                        description="End to end on the model: analyze and search on calibration text, "
                        "convert, evaluate on different text, generate a sample, recover quality by "
@@ -239,7 +277,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", type=_prompt, default=DEFAULT_PROMPT, help="prompt for the generated sample")
     p.add_argument("--max-new-tokens", type=_positive_int, default=32, help="tokens to generate (default 32)")
     p.add_argument("--out", default="reports", help="report folder (default reports/)")
-    # On by default, a fixed number of steps (deterministic); --distill-steps 0 skips it.
+    p.add_argument("--calibrate-windows", type=_nonneg_int, default=MAIN_WINDOWS["calibrate"],
+                   help="windows of the calibration text (seq-len tokens each) for the training-free correction "
+                   "of the searched plan (default %(default)s; 0: no correction)")
+    _calibrate_args(p)
+    # On by default, a fixed number of steps (deterministic), on top of the correction; --distill-steps 0 skips it.
     add_distill_arguments(p, **MAIN_DISTILL)
     p.set_defaults(func=cmd_main)
 
@@ -340,6 +382,25 @@ def _check_model_args(args) -> None:
     parse_device(args.device)
     parse_dtype(args.dtype)
     check_model_spec(args.model)
+
+
+def _add_calibrate_command(sub) -> None:
+    p = sub.add_parser("calibrate", help="training-free correction of a plan, folded into the weights",
+                       description="Fit a linear correction per group of --plan on calibration text (closed form, "
+                       "ridge toward the identity), fold it into each group's o_proj/down_proj, choose the bypass "
+                       "per group by measurement, and save the corrected converted model to --out (plain weights, "
+                       "the plan in config.json: reload with cqil_kernels.from_pretrained).")
+    _common(p, seq_len=512, max_windows=16)
+    p.add_argument("--plan", required=True, help="plan JSON")
+    p.add_argument("--text", "--calib-text", dest="text", default=None,
+                   help="calibration text (default: built-in text, calibration half)")
+    p.add_argument("--eval-text", default=None,
+                   help="also measure the plan before and after on this held-out text (never the calibration text)")
+    p.add_argument("--eval-windows", type=_positive_int, default=8, help="held-out windows (default 8)")
+    p.add_argument("--out", default=None, help="save the calibrated model and tokenizer here (save_pretrained)")
+    p.add_argument("--report", default=None, help="write the calibration result (JSON) here")
+    _calibrate_args(p)
+    p.set_defaults(func=cmd_calibrate)
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -492,7 +553,8 @@ def _search_kwargs(args) -> dict:
     return dict(budget_metric=args.budget_metric, rank_metric=args.rank_metric, bypass=args.bypass, seed=args.seed,
                 beam=args.beam, swap_rounds=args.swap_rounds,
                 contiguous_top=None if args.contiguous_top < 0 else args.contiguous_top,
-                batch_size=args.batch_size, progress=_progress(args), backend=args.backend)
+                batch_size=args.batch_size, progress=_progress(args), backend=args.backend,
+                corrected=getattr(args, "corrected", False))
 
 
 def cmd_search(args) -> int:
@@ -702,13 +764,15 @@ def _main_samples(args, model, tok, plan) -> dict:
     return samples
 
 
-def _main_distill(args, model, tok, plan, evalw, base, before):
+def _main_distill(args, model, tok, plan, evalw, base, before, calibration=None):
     """LoRA + KL distillation of ``plan``, then the held-out evaluation against ``base`` (the
     original's BaseLogProbs). After it, reverting no longer gives the original model, so it runs
-    after everything that needs the original (base numbers, samples)."""
+    after everything that needs the original (base numbers, samples). On top of a calibration the
+    teacher is still the original model (``calibration.sequential_original``)."""
     from .evaluate import evaluate, plan_applied
 
-    with plan_applied(model, plan, args.backend):
+    original = calibration.sequential_original(model) if calibration is not None else nullcontext()
+    with original, plan_applied(model, plan, args.backend):
         res = run_distill_from_args(args, model, tok, plan)
         res.before = before.to_dict()
         res.after = evaluate(model, evalw, base_model=base, batch_size=args.batch_size,
@@ -717,7 +781,8 @@ def _main_distill(args, model, tok, plan, evalw, base, before):
 
 
 def cmd_main(args) -> int:
-    """analyze -> search -> convert -> evaluate on other text -> generate -> distill -> table + reports."""
+    """analyze -> search -> convert -> evaluate on other text -> generate -> calibrate -> distill ->
+    table + reports."""
     from .plan import CQILPlan
     from .report import environment, format_table, write_json
 
@@ -726,6 +791,7 @@ def cmd_main(args) -> int:
     for path, what in ((args.calib_text, "calibration text"), (args.eval_text, "evaluation text"),
                        (args.distill_text, "distillation text")):
         _check_text_file(path, what)
+    _calibrate_kwargs(args)
     _check_out_dir(args.out, "--out")
     _check_out_file(args.distill_out, "--distill-out")
     if args.calib_text is not None and args.calib_text == args.eval_text:
@@ -742,16 +808,26 @@ def cmd_main(args) -> int:
     with clock("search"):  # the analysis included
         result = _main_search(args, model, calib, exclude, out)
     plan = result.plan
-    contiguous = CQILPlan(result.best_contiguous["groups"], bypass=plan.bypass) if result.best_contiguous else None
+    # the contiguous comparison keeps the bypass its own measurement chose
+    contiguous = (CQILPlan(result.best_contiguous["groups"], bypass=result.best_contiguous["bypass"])
+                  if result.best_contiguous else None)
     with clock("evaluate"):
         base, evals, base_lp = _main_evaluate(args, model, evalw,
                                               [plan] + ([contiguous] if contiguous is not None else []))
     with clock("generate"):
         samples = _main_samples(args, model, tok, plan)
+    # The training-free correction changes the weights, so it runs after everything that needs the
+    # original (base numbers, samples); it is measured against the original's BaseLogProbs.
+    cres = cal_eval = None
+    if args.calibrate_windows > 0:
+        with clock("calibrate"):
+            cres, cal_eval, samples["cqil + calibration"] = _main_calibrate(args, model, tok, plan, evalw, base_lp)
+        cres.to_json(out / "calibration.json")
     dres = None
     if args.distill_steps > 0:
         with clock("distill"):
-            dres = _main_distill(args, model, tok, plan, evalw, base_lp, evals[0])
+            dres = _main_distill(args, model, tok, cres.plan if cres is not None else plan, evalw, base_lp,
+                                 cal_eval if cal_eval is not None else evals[0], calibration=cres)
 
     header = ["model", "groups", "layers", "seq. steps", "perplexity", "ppl %", "KL", "top-1",
               "fwd tok/s", "gen tok/s"]
@@ -764,11 +840,16 @@ def cmd_main(args) -> int:
         rows.append(["cqil (contiguous)", _groups_str(contiguous.groups), n, contiguous.num_sequential_steps(n),
                      evals[1].perplexity, evals[1].ppl_increase * 100, evals[1].kl, evals[1].top1_agreement,
                      evals[1].tokens_per_second, None])
+    if cal_eval is not None:
+        rows.append(["cqil (search) + calibration", _groups_str(plan.groups), n, plan.num_sequential_steps(n),
+                     cal_eval.perplexity, cal_eval.ppl_increase * 100, cal_eval.kl, cal_eval.top1_agreement, None,
+                     samples["cqil + calibration"]["tokens_per_second"]])
     if dres is not None:
         a = dres.after
-        rows.append([f"cqil (search) + distilled {dres.steps} steps", _groups_str(plan.groups), n,
-                     plan.num_sequential_steps(n), a["perplexity"], a["ppl_increase"] * 100, a["kl"],
-                     a["top1_agreement"], None, None])
+        label = "cqil (search) + calibration + distilled" if cres is not None else "cqil (search) + distilled"
+        rows.append([f"{label} {dres.steps} steps", _groups_str(plan.groups), n,
+                     plan.num_sequential_steps(n), a["perplexity"], a["ppl_increase"] * 100,
+                     a["kl"], a["top1_agreement"], None, None])
     table = format_table(header, rows)
     clock.finish()
     report = {
@@ -785,6 +866,8 @@ def cmd_main(args) -> int:
             "search_plan": evals[0].to_dict(),
             "contiguous_plan": evals[1].to_dict() if contiguous is not None else None,
         },
+        "calibration_correction": None if cres is None else {
+            **cres.to_dict(), "held_out": cal_eval.to_dict()},
         "distillation": dres.to_dict() if dres is not None else None,
         "samples": samples,
         "timings_s": clock.wall,
@@ -802,6 +885,86 @@ def cmd_main(args) -> int:
           f"{clock.peak_rss_mb['total']:.0f} MB; reports in {out}/ (main.json, plan.json, search.json, "
           "analysis.json, analysis.png)")
     return 0
+
+
+def _print_calibration(result) -> None:
+    from .report import format_table
+
+    rows = []
+    for g in result.groups:
+        rows.append([_groups_str([g.group]), g.bypass, g.ridge, g.plain_error, g.corrected_error,
+                     g.fold_gap, g.tokens.get("fit"), g.seconds])
+    print(format_table(["group", "d", "ridge", "err plain", "err corrected", "fold gap", "fit tokens", "s"], rows))
+    print(f"calibrated {len(result.groups)} groups in {result.seconds:.1f} s ({result.settings['map']} map, "
+          f"{result.settings['target']} target, fold {result.settings['fold']}); errors: held-back output error "
+          "relative to the sequential delta")
+
+
+def cmd_calibrate(args) -> int:
+    """--plan + calibration text -> fit + fold per group -> (held-out before/after) -> save."""
+    from .calibrate import calibrate
+    from .evaluate import compare_plans
+
+    options = _calibrate_kwargs(args)
+    if args.text is not None and args.text == args.eval_text:
+        raise CLIError("--eval-text is the calibration text: a held-out measure needs another text")
+    _check_model_args(args)
+    plan = _read_plan_file(args.plan)
+    _check_text_file(args.text, "calibration text")
+    _check_text_file(args.eval_text, "evaluation text")
+    if args.out is not None:
+        _check_out_dir(args.out, "--out")
+    _check_out_file(args.report, "--report")
+    model, tok = _load(args)
+    _check_plan_fits(plan, args.plan, _num_layers(model))
+    if not plan.parallel_groups:
+        raise CLIError(f"plan {args.plan} has no group of 2 or more layers: nothing to calibrate")
+    windows = _windows(args, tok, args.text, "calib", args.max_windows)
+    evalw = _windows(args, tok, args.eval_text, "eval", args.eval_windows) if args.eval_text else None
+    plain = None
+    if evalw is not None:
+        base, (plain,) = compare_plans(model, evalw, [plan], batch_size=args.batch_size, progress=_progress(args),
+                                       backend=args.backend, desc="held-out, before")
+    result = calibrate(model, plan, windows, batch_size=args.batch_size, backend=args.backend,
+                       keep_original=evalw is not None, progress=_progress(args), **options)
+    _print_calibration(result)
+    if evalw is not None:
+        with result.sequential_original(model):
+            _, (after,) = compare_plans(model, evalw, [result.plan], batch_size=args.batch_size,
+                                        progress=_progress(args), backend=args.backend, desc="held-out, after")
+        result.original_weights = None  # not saved, not needed any more
+        print(f"held-out {evalw.source}: perplexity {plain.ppl_increase:+.1%} -> {after.ppl_increase:+.1%}, "
+              f"KL {plain.kl:.4f} -> {after.kl:.4f}, top-1 {plain.top1_agreement:.3f} -> {after.top1_agreement:.3f} "
+              f"(base perplexity {base.perplexity:.3f})")
+    if args.report:
+        Path(args.report).parent.mkdir(parents=True, exist_ok=True)
+        result.to_json(args.report)
+    if args.out:
+        model.save_pretrained(args.out)
+        tok.save_pretrained(args.out)
+        print(f"saved the calibrated model to {args.out} (plan {result.plan.to_json()}; "
+              "reload with cqil_kernels.from_pretrained)")
+    return 0
+
+
+def _main_calibrate(args, model, tok, plan, evalw, base):
+    """The training-free correction of the searched plan on ``--calibrate-windows`` windows of the
+    calibration text, measured on the held-out windows against ``base`` (the original model's
+    BaseLogProbs: no second base pass).
+
+    Returns (CalibrationResult, held-out EvalResult, generated sample). The model is left converted
+    to the calibrated plan; ``result.sequential_original(model)`` still gives the original model
+    reverted (distillation's teacher).
+    """
+    from .calibrate import calibrate
+    from .evaluate import evaluate
+
+    fit_windows = _windows(args, tok, args.calib_text, "calib", args.calibrate_windows)
+    result = calibrate(model, plan, fit_windows, batch_size=args.batch_size, backend=args.backend,
+                       keep_original=True, progress=_progress(args), **_calibrate_kwargs(args))
+    held_out = evaluate(model, evalw, base_model=base, batch_size=args.batch_size, progress=_progress(args))
+    sample = generate_text(model, tok, args.prompt, args.max_new_tokens)
+    return result, held_out, sample
 
 
 def cmd_distill(args) -> int:

@@ -196,7 +196,8 @@ def convert(model, plan: CQILPlan | dict | None = None, backend: str = "auto", p
 
     Args:
         model: a transformers Llama/Mistral/Qwen2/Qwen3 causal LM (or base model).
-        plan: the groups and bypass; None reads ``model.config.cqil`` (e.g. after from_pretrained).
+        plan: the groups and bypass (one d for all groups or one per group); None reads
+            ``model.config.cqil`` (e.g. after from_pretrained).
         backend: "torch" (reference, any device), "triton" (fused kernels) or "auto" (Triton on
             CUDA when available, else torch).
         process_group: split every group over the ranks of this ``torch.distributed`` process
@@ -246,7 +247,7 @@ def convert(model, plan: CQILPlan | dict | None = None, backend: str = "auto", p
         if len(group) < 2:
             continue  # a one-layer group is that layer, sequential
         held = group if placement is None else placement.shard(gi, comm.rank)
-        built.append((group, CQILGroup([layers[i] for i in held], held, plan.bypass, family, backend,
+        built.append((group, CQILGroup([layers[i] for i in held], held, plan.bypass_of(gi), family, backend,
                                        group_indices=group, comm=comm)))
     freed = []
     for group, g in built:

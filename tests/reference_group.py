@@ -51,19 +51,32 @@ def _follower_forward(self, hidden_states, *args, **kwargs):
     return hidden_states
 
 
+def _per_group(groups, bypass):
+    """``bypass``: one int for every group, or a sequence with one int per group."""
+    if isinstance(bypass, int):
+        return [bypass] * len(groups)
+    bypass = list(bypass)
+    assert len(bypass) == len(groups), "one bypass per group"
+    return bypass
+
+
 def patch_reference(model, groups, bypass):
-    """Patch ``model`` (unconverted) in place to compute the CQIL semantics; returns it."""
+    """Patch ``model`` (unconverted) in place to compute the CQIL semantics; returns it.
+
+    ``bypass``: one int for every group, or one int per group.
+    """
     layers = model.model.layers
-    for group in groups:
+    for group, d in zip(groups, _per_group(groups, bypass)):
         if len(group) < 2:
             continue
         members = [layers[i] for i in group]
-        members[0].forward = types.MethodType(_leader_forward(members, bypass), members[0])
+        members[0].forward = types.MethodType(_leader_forward(members, d), members[0])
         for layer in members[1:]:
             layer.forward = types.MethodType(_follower_forward, layer)
     return model
 
 
 def reference_model(model, groups, bypass):
-    """A deep copy of the unconverted ``model`` computing ``groups`` with ``bypass`` (oracle)."""
+    """A deep copy of the unconverted ``model`` computing ``groups`` with ``bypass`` (one int, or
+    one per group) (oracle)."""
     return patch_reference(copy.deepcopy(model), groups, bypass)

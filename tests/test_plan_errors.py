@@ -63,10 +63,82 @@ def test_plan_type_errors(groups):
 def test_bad_json(tmp_path):
     with pytest.raises(ValueError, match="not valid JSON"):
         CQILPlan.from_json("{groups")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        CQILPlan.from_json("[[0, 1]")
     with pytest.raises(ValueError, match="unknown plan keys"):
         CQILPlan.from_json('{"groups": [], "bipass": 1}')
     with pytest.raises(FileNotFoundError):
         CQILPlan.from_json(tmp_path / "missing.json")
+
+
+def test_per_group_bypass(tmp_path):
+    plan = CQILPlan([[1, 2, 3], [5, 6], [8]], bypass=[2, 1, 0])
+    assert plan.bypasses == (2, 1, 0) and [plan.bypass_of(i) for i in range(3)] == [2, 1, 0]
+    assert plan.bypass == (2, 1, 0) and not plan.uniform_bypass
+    import json
+
+    assert json.loads(plan.to_json()) == {"groups": [[1, 2, 3], [5, 6], [8]], "bypass": [2, 1, 0]}
+    assert CQILPlan.from_json(plan.to_json()) == plan
+    plan.to_json(tmp_path / "p.json")
+    assert CQILPlan.from_json(tmp_path / "p.json") == plan
+    # all groups of 2+ layers agree: one int, the serialised form of old, and equal plans
+    same = CQILPlan([[1, 2, 3], [5, 6], [8]], bypass=[1, 1, 0])
+    assert same.bypass == 1 and same.uniform_bypass
+    assert same == CQILPlan([[1, 2, 3], [5, 6], [8]], bypass=1)
+    assert json.loads(same.to_json())["bypass"] == 1
+    assert plan.with_bypass(0) == CQILPlan(plan.groups)
+    assert repr(plan) == "CQILPlan(groups=[[1, 2, 3], [5, 6], [8]], bypass=[2, 1, 0])"
+    assert CQILPlan([], bypass=[]).bypass == 0
+
+
+@pytest.mark.parametrize(
+    "groups,bypass,match",
+    [
+        ([[1, 2], [4, 5, 6]], [1], "bypass has 1 values for 2 groups"),
+        ([[1, 2], [4, 5, 6]], [1, 2, 0], "bypass has 3 values for 2 groups"),
+        ([[1, 2], [4, 5, 6]], [2, 0], r"bypass\[0\] = 2 is out of range for group 0"),
+        ([[1, 2], [4, 5, 6]], [0, -1], r"bypass\[1\] = -1 is out of range"),
+        ([[1], [4, 5, 6]], [1, 1], r"bypass\[0\] = 1 .* one-layer group runs sequentially"),
+        # one rule for plans without a group of 2+ layers (issue 12 item 6): all refused alike
+        ([], 3, "bypass 3 needs a group of at least 4 layers; this plan has no group of 2 or more"),
+        ([[0]], 1, "bypass 1 needs a group of at least 2 layers; this plan has no group of 2 or more"),
+        ([[0], [3]], 2, "no group of 2 or more"),
+    ],
+)
+def test_invalid_bypass_names_the_rule(groups, bypass, match):
+    with pytest.raises(ValueError, match=match):
+        CQILPlan(groups, bypass=bypass)
+
+
+def test_contiguous_with_parallel_1_follows_the_same_rule():
+    assert CQILPlan.contiguous(0, 10, 1).groups == ()
+    with pytest.raises(ValueError, match="no group of 2 or more layers"):
+        CQILPlan.contiguous(0, 10, 1, bypass=1)
+    # a one-int bypass skips one-layer groups of a plan that has larger ones
+    assert CQILPlan([[0], [1, 2]], bypass=1).bypasses == (0, 1)
+
+
+@pytest.mark.parametrize("bypass", ["1", [1.0, 0], [True, 0], 1.5])
+def test_bypass_type_errors(bypass):
+    with pytest.raises(TypeError, match="bypass"):
+        CQILPlan([[1, 2], [3, 4]], bypass=bypass)
+
+
+def test_from_json_tells_text_from_paths(tmp_path, monkeypatch):
+    # JSON text that is not an object: a clear error, never "file not found"
+    with pytest.raises(ValueError, match=r'must be an object .*did you mean \{"groups": \[\[0, 1\]\]\}'):
+        CQILPlan.from_json("[[0, 1]]")
+    assert CQILPlan.from_json('  \n {"groups": [[0, 1]], "bypass": 1}') == CQILPlan([[0, 1]], bypass=1)
+    # a file whose name looks like JSON is still a file when it exists
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "[odd].json").write_text('{"groups": [[2, 3]]}')
+    assert CQILPlan.from_json("[odd].json") == CQILPlan([[2, 3]])
+    with pytest.raises(FileNotFoundError, match="plan file not found: nothere.json"):
+        CQILPlan.from_json("nothere.json")
+    with pytest.raises(ValueError, match="is a directory"):
+        CQILPlan.from_json(tmp_path)
+    with pytest.raises(TypeError, match="JSON text or a path"):
+        CQILPlan.from_json(42)
 
 
 def snapshot(model):

@@ -132,3 +132,74 @@ def test_errors(model, windows, analysis):
         search(model, windows, 3, groups=1, analysis=analysis, progress=False)
     with pytest.raises(ValueError, match="bypass"):
         search(model, windows, 2, groups=1, bypass=2, analysis=analysis, progress=False)
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        (dict(groups=2.5), TypeError, "groups must be an int"),
+        (dict(groups=True), TypeError, "groups must be an int"),
+        (dict(groups=0), ValueError, "groups must be >= 1"),
+        (dict(groups=2, swap_rounds=-1), ValueError, "swap_rounds must be >= 0"),
+        (dict(groups=2, contiguous_top=-1), ValueError, "contiguous_top must be >= 0"),
+        (dict(groups=2, swap_candidates=0), ValueError, "swap_candidates must be >= 1"),
+        (dict(groups=2, beam=0), ValueError, "beam must be >= 1"),
+        (dict(groups=2, batch_size=0), ValueError, "batch_size must be >= 1"),
+        (dict(budget="0.1"), TypeError, "budget must be a number"),
+        (dict(groups=2, rank_metric="loss"), ValueError, "rank_metric"),
+        (dict(groups=2, calibrate_options={"keep_original": True}), ValueError, "may not set"),
+        (dict(groups=2, calibrate_options=[1]), TypeError, "calibrate_options"),
+    ],
+)
+def test_bad_arguments_are_refused_before_any_work(model, windows, kwargs, exc, match, monkeypatch):
+    import sys
+
+    search_module = sys.modules["cqil_kernels.search"]  # the package attribute is the function
+
+    def no_work(*a, **k):
+        raise AssertionError("search did work before checking its arguments")
+
+    monkeypatch.setattr(search_module, "analyze", no_work)
+    monkeypatch.setattr(search_module, "compare_plans", no_work)
+    with pytest.raises(exc, match=match):
+        search(model, windows, 2, progress=False, **kwargs)
+
+
+def test_empty_plan_with_a_bypass_is_the_sequential_plan(model, windows):
+    a3 = analyze(model, windows, parallel=3, bypass=2, progress=False)
+    res = search(model, windows, 3, budget=0.0, budget_metric="kl", bypass=2, analysis=a3, progress=False)
+    assert res.plan.groups == () and res.plan.bypass == 0
+
+
+@pytest.mark.parametrize("metric", ["kl", "ppl"])
+def test_ranking_metric_is_the_one_asked_for_and_reported(model, windows, analysis, metric):
+    res = search(model, windows, 2, groups=2, rank_metric=metric, analysis=analysis, progress=False)
+    assert res.rank_metric == metric and res.calib["ranked_by"] == metric
+    key = "kl" if metric == "kl" else "ppl_increase"
+    first = [s for s in res.steps if s["step"] == "add 1"]
+    assert next(s for s in first if s["accepted"])[key] == min(s[key] for s in first)
+
+
+def test_corrected_search_ranks_by_the_cost_after_calibration(windows):
+    from cqil_kernels.calibrate import calibrate
+
+    model = make_tiny("llama", num_layers=8, seed=4)
+    g = torch.Generator().manual_seed(2)
+    calib = TokenWindows(torch.randint(3, 97, (8, 32), generator=g), torch.ones(8, dtype=torch.long), stride=32)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    res = search(model, calib, 2, groups=2, corrected=True, progress=False, contiguous_top=1, beam=2)
+    assert res.corrected and res.calib["corrected"] and res.gains is not None
+    assert set(res.gains) == {f"{s}-{s + 1}" for s in range(7)}
+    assert all(s["step"] for s in res.steps)
+    # weights and conversion restored after every measurement
+    assert get_plan(model) is None
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    # the reported cost is the calibrated plan's cost against the original model
+    cal = calibrate(model, res.plan, calib, keep_original=True, progress=False)
+    assert cal.plan == res.plan  # same choices, bypass per group included
+    with cal.sequential_original(model):
+        _, (direct,) = compare_plans(model, calib, [cal.plan], progress=False)
+    cal.restore(model)
+    assert res.calib["kl"] == pytest.approx(direct.kl, rel=1e-5)
+    plain = search(model, calib, 2, groups=2, progress=False, contiguous_top=0, beam=2)
+    assert res.calib["kl"] < plain.calib["kl"]

@@ -30,14 +30,14 @@ class Placement:
         world_size: number of ranks W.
         num_layers: decoder layers of the model.
         groups: the plan's groups (all of them, in plan order; groups of one layer are replicated).
-        bypass: the plan's bypass distance d (a rank with d >= 1 needs earlier layers' attention
-            outputs held elsewhere: one all-gather per group).
+        bypass: the plan's bypass distance d, an int or one per group (a group with d >= 1 needs
+            earlier layers' attention outputs held elsewhere: one all-gather in that group).
     """
 
     world_size: int
     num_layers: int
     groups: tuple[tuple[int, ...], ...]
-    bypass: int = 0
+    bypass: int | tuple[int, ...] = 0
 
     # ------------------------------------------------------------------ queries
     def is_split(self, group_index: int) -> bool:
@@ -103,7 +103,7 @@ class Placement:
             "world_size": self.world_size,
             "num_layers": self.num_layers,
             "groups": [list(g) for g in self.groups],
-            "bypass": self.bypass,
+            "bypass": self.bypass if isinstance(self.bypass, int) else list(self.bypass),
             "replicated": list(self.replicated_layers),
             "ranks": ranks,
         }
