@@ -119,7 +119,7 @@ def _decode_attn_kernel(
     rd = tl.arange(0, BLOCK_D)
     d_mask = rd < D
     q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + rd[None, :] * stride_qd,
-                mask=g_mask[:, None] & d_mask[None, :] & (lo < hi), other=0.0)
+                mask=g_mask[:, None] & (rd < tl.where(lo < hi, D, 0))[None, :], other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
     k_base = k_ptr + j.to(tl.int64) * stride_kl + b.to(tl.int64) * stride_kb + g.to(tl.int64) * stride_kh

@@ -95,7 +95,9 @@ def _down_sum_kernel(
         kb = kb_lo + t
         p = kb // KB_PER_LAYER
         rk = (kb - p * KB_PER_LAYER) * BK + rk0
-        k_mask = (rk < I) & (kb < total_kb)
+        # a scalar condition folded into the bound, not and-ed as a mask (Triton 3.9's interpreter
+        # keeps a scalar comparison int32, which its loads refuse as a mask)
+        k_mask = rk < tl.where(kb < total_kb, I, 0)
         p64 = p.to(tl.int64)
         # layer p's own weight (a past-the-end block reads the last layer's entry, fully masked)
         w_off = tl.load(w_off_ptr + tl.minimum(p, P - 1))

@@ -138,7 +138,9 @@ def _gate_up_kernel(
             # u[e-d] with d = min(BYPASS, e); a term before entry 0 is masked off
             xt = xt.to(tl.float32) + tl.load(res_rows + rk[None, :] * stride_rk, mask=x_mask, other=0.0).to(tl.float32)
             for i in tl.static_range(1, BYPASS + 1):
-                xt += tl.load(u_rows - i * stride_up + rk[None, :] * stride_uk, mask=x_mask & (e >= i),
+                # the entry exists iff e >= i: folded into the K bound (see down_sum)
+                t_mask = m_mask[:, None] & (rk < tl.where(e >= i, K, 0))[None, :]
+                xt += tl.load(u_rows - i * stride_up + rk[None, :] * stride_uk, mask=t_mask,
                               other=0.0).to(tl.float32)
         w_mask = k_mask[:, None] & n_mask[None, :]
         wg = tl.load(wg_cols + rk[:, None] * stride_wk, mask=w_mask, other=0.0)
