@@ -14,7 +14,7 @@ import math
 import os
 import sys
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, redirect_stdout
 from pathlib import Path
 
 __all__ = ["main", "build_parser", "generate_text", "add_distill_arguments", "run_distill_from_args"]
@@ -205,6 +205,19 @@ MAIN_SEARCH = dict(beam=2, contiguous_top=2)
 MAIN_WINDOWS = dict(calib=4, eval=12, calibrate=16)
 
 
+#: the commands that run under ``torchrun --nproc-per-node=W`` (each rank computes its share of every group)
+TORCHRUN_COMMANDS = ("generate", "eval", "bench")
+
+
+def _torchrun_args(parser: argparse.ArgumentParser) -> None:
+    from .distributed.launch import DEFAULT_TIMEOUT_S
+
+    g = parser.add_argument_group("several processes (torchrun --nproc-per-node=W -m cqil_kernels ...)")
+    g.add_argument("--dist-timeout", type=_positive_float, default=DEFAULT_TIMEOUT_S,
+                   help="seconds a rank waits for the others in any collective before the run fails "
+                   "(default %(default)s)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _ArgumentParser(
         prog="python -m cqil_kernels",
@@ -246,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", "--eval-text", dest="text", default=None,
                    help="evaluation text file (default: built-in text, evaluation half)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
+    _torchrun_args(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("generate", help="greedy generation with a plan",
@@ -258,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-chat-template", action="store_true", help="use the prompt as raw text")
     p.add_argument("--no-base", action="store_true", help="do not also generate with the sequential model")
     p.add_argument("--out", default=None, help="write prompt, outputs and tokens/s as JSON here")
+    _torchrun_args(p)
     p.set_defaults(func=cmd_generate)
 
     _add_calibrate_command(sub)
@@ -482,6 +497,7 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 48, chat_
         "text": tokenizer.decode(new, skip_special_tokens=True),
         "prompt_tokens": int(ids.shape[1]),
         "new_tokens": int(new.numel()),
+        "token_ids": new.tolist(),
         "seconds": seconds,
         "tokens_per_second": new.numel() / seconds if seconds > 0 else 0.0,
     }
@@ -627,8 +643,20 @@ def cmd_eval(args) -> int:
     model, tok = _load(args)
     _check_plan_fits(plan, args.plan, _num_layers(model))
     windows = _windows(args, tok, args.text, "eval", args.max_windows)
-    base, (conv,) = compare_plans(model, windows, [plan], batch_size=args.batch_size, progress=_progress(args),
-                                  backend=args.backend, reuse_prefix=False, desc="evaluating")
+    ctx = getattr(args, "dist", None)
+    placement = None
+    if ctx is not None:
+        # the base pass runs before the split, on every rank (each still holds every layer then)
+        from .evaluate import base_log_probs, evaluate
+
+        base_lp = base_log_probs(model, windows, batch_size=args.batch_size, progress=_progress(args),
+                                 backend=args.backend)
+        base = base_lp.result
+        placement = _convert_split(model, plan, args, ctx)
+        conv = evaluate(model, windows, base_model=base_lp, batch_size=args.batch_size, progress=_progress(args))
+    else:
+        base, (conv,) = compare_plans(model, windows, [plan], batch_size=args.batch_size, progress=_progress(args),
+                                      backend=args.backend, reuse_prefix=False, desc="evaluating")
     n = _num_layers(model)
     steps = plan.num_sequential_steps(n) if plan else n
     print(format_table(
@@ -636,11 +664,12 @@ def cmd_eval(args) -> int:
         [["base", "(none)", n, base.perplexity, 0.0, 0.0, 1.0, base.tokens_per_second],
          ["cqil", _groups_str(plan.groups) if plan else "(none)", steps, conv.perplexity, conv.ppl_increase * 100,
           conv.kl, conv.top1_agreement, conv.tokens_per_second]]))
-    if args.out:
+    if args.out and (ctx is None or ctx.is_main):
         from .report import environment, write_json
 
         write_json({"plan": plan.to_dict() if plan else None, "text": windows.to_dict(), "base": base.to_dict(),
-                    "converted": conv.to_dict(), "environment": environment()}, args.out)
+                    "converted": conv.to_dict(), "world_size": ctx.world_size if ctx is not None else 1,
+                    "placement": placement, "environment": environment()}, args.out)
         print(f"wrote {args.out}")
     return 0
 
@@ -653,20 +682,34 @@ def cmd_generate(args) -> int:
     _check_out_file(args.out, "--out")
     model, tok = _load(args)
     _check_plan_fits(plan, args.plan, _num_layers(model))
-    results = {}
-    variants = [("cqil", plan)] + ([] if args.no_base or plan is None else [("base", None)])
-    for name, p in variants:
-        with plan_applied(model, p, args.backend):
-            results[name] = generate_text(model, tok, args.prompt, args.max_new_tokens, not args.no_chat_template)
+    ctx = getattr(args, "dist", None)
+    results, placement = {}, None
+    if ctx is not None:
+        # every rank generates (greedy: the ranks' logits are bitwise equal, so are their tokens:
+        # checked); the sequential base would need every layer on one rank, so it is not run
+        import torch
+
+        from .distributed import check_same
+
+        placement = _convert_split(model, plan, args, ctx)
+        results["cqil"] = generate_text(model, tok, args.prompt, args.max_new_tokens, not args.no_chat_template)
+        check_same(torch.tensor(results["cqil"]["token_ids"]), ctx.group, "generated tokens", ctx.rank, ctx.timeout_s)
+    else:
+        variants = [("cqil", plan)] + ([] if args.no_base or plan is None else [("base", None)])
+        for name, p in variants:
+            with plan_applied(model, p, args.backend):
+                results[name] = generate_text(model, tok, args.prompt, args.max_new_tokens,
+                                              not args.no_chat_template)
     for name, r in results.items():
         label = name if plan is not None else "base"
         print(f"--- {label} ({r['new_tokens']} tokens, {r['tokens_per_second']:.1f} tok/s)")
         print(r["text"])
-    if args.out:
+    if args.out and (ctx is None or ctx.is_main):
         from .report import environment, write_json
 
-        write_json({"plan": plan.to_dict() if plan else None, "outputs": results, "environment": environment()},
-                   args.out)
+        write_json({"plan": plan.to_dict() if plan else None, "outputs": results,
+                    "world_size": ctx.world_size if ctx is not None else 1, "placement": placement,
+                    "environment": environment()}, args.out)
         print(f"wrote {args.out}")
     return 0
 
@@ -994,11 +1037,58 @@ def cmd_distill(args) -> int:
 
 
 # ------------------------------------------------------------------------------------ entry point
+@contextmanager
+def _ranks(args):
+    """The torchrun run this command is one rank of (a ``DistContext``), or None in one process.
+
+    Only ``TORCHRUN_COMMANDS`` join a run of several processes. Ranks other than 0 print nothing
+    to stdout and show no progress bars (rank 0 alone prints and writes ``--out``); errors still
+    reach every rank's stderr. The process group ends with the command.
+    """
+    from .distributed.launch import LaunchEnv
+
+    env = LaunchEnv.from_environ()  # half-set launcher variables: ValueError naming them
+    if env is None or env.world_size == 1:
+        yield None
+        return
+    if args.command not in TORCHRUN_COMMANDS:
+        raise CLIError(f"'{args.command}' runs in one process; under torchrun ({env.world_size} ranks) only "
+                       f"{', '.join(TORCHRUN_COMMANDS)} run")
+    from .distributed import destroy, init
+
+    # "cpu": the ranks compute on the CPU (gloo); a CUDA device: rank r on cuda:LOCAL_RANK (NCCL)
+    ctx = init(timeout=args.dist_timeout, device="cpu" if str(args.device) == "cpu" else None)
+    try:
+        args.device = str(ctx.device)
+        if ctx.is_main:
+            yield ctx
+        else:
+            args.no_progress = True
+            with open(os.devnull, "w") as null, redirect_stdout(null):
+                yield ctx
+    finally:
+        destroy(ctx)
+
+
+def _convert_split(model, plan, args, ctx):
+    """Convert ``model`` to ``plan`` split over the run's ranks; the placement's report data."""
+    from .conversion import convert, placement_of
+
+    if plan is None or not plan.parallel_groups:
+        raise CLIError(f"under torchrun ({ctx.world_size} ranks) --plan must have groups of 2 or more layers to "
+                       "split over the ranks")
+    convert(model, plan, backend=args.backend, process_group=ctx.group)
+    placement, rank, freed = placement_of(model)
+    return placement.to_dict()
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.func(args)
+        with _ranks(args) as ctx:
+            args.dist = ctx
+            return args.func(args)
     except CLIError as e:
         if getattr(args, "traceback", False):
             raise
