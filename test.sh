@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
 # The test command: sets up .venv (pinned CPU deps, project in editable mode) on first use,
 # then runs the whole suite on the CPU. Triton kernels run in the interpreter (tests/conftest.py
-# sets TRITON_INTERPRET=1); GPU-only tests skip. Extra arguments go to pytest.
+# sets TRITON_INTERPRET=1); GPU-only tests skip. Extra arguments go to pytest (e.g. -n 0: one
+# process; tests/test_cli.py: one file).
+# Two workers (pytest-xdist), one per core of the CI machine; a test file stays on one worker so
+# its module fixtures (tiny models, the embedded SmolLM2) are built once.
 set -euo pipefail
 cd "$(dirname "$0")"
 . scripts/setup_venv.sh
-python -m pytest -q "$@"
+# one torch thread per worker: oversubscribed OpenMP threads spin (see .ci/run)
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+python -m pytest -q -n 2 --dist loadfile "$@"
