@@ -70,7 +70,7 @@ def _rank_forward(ctx, family, groups, bypass, steps, cache, overlap):
 
 
 CASES = [  # family, world size, groups, bypass, cache, overlap
-    ("llama", 2, [[1, 2], [3, 4]], 0, "dynamic", True),
+    ("llama", 2, [[1, 2], [3, 4]], [1, 0], "dynamic", True),  # a bypass per group
     ("qwen2", 2, [[1, 2, 3, 4]], 1, "static", False),
     ("qwen3", 2, [[2, 3]], 1, "dynamic", True),
     ("mistral", 2, [[0, 1, 2, 3]], 2, "dynamic", False),
