@@ -121,11 +121,9 @@ class LayerAnalysis:
 
     def to_json(self, path=None, indent: int | None = 1) -> str:
         """JSON of ``to_dict()``; also written to ``path`` when given."""
-        text = json.dumps(self.to_dict(), indent=indent)
-        if path is not None:
-            with open(path, "w", encoding="utf-8") as f:
-                f.write(text + "\n")
-        return text
+        from .report import json_text
+
+        return json_text(self.to_dict(), path, indent)
 
     @classmethod
     def from_dict(cls, d: dict) -> "LayerAnalysis":

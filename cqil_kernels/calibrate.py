@@ -49,7 +49,6 @@ gives the sequential model *with the corrected weights*, which is not the origin
 
 from __future__ import annotations
 
-import json
 import math
 import time
 import warnings
@@ -167,11 +166,9 @@ class CalibrationResult:
 
     def to_json(self, path=None, indent: int | None = 1) -> str:
         """The result as JSON (maps and weights are left out); also written to ``path``."""
-        text = json.dumps(self.to_dict(), indent=indent)
-        if path is not None:
-            with open(path, "w", encoding="utf-8") as f:
-                f.write(text + "\n")
-        return text
+        from .report import json_text
+
+        return json_text(self.to_dict(), path, indent)
 
     def _originals(self, model) -> dict:
         if self.original_weights is None:

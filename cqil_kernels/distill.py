@@ -35,7 +35,6 @@ Imports peft inside functions: ``import cqil_kernels`` stays free of it.
 
 from __future__ import annotations
 
-import json
 import math
 import numbers
 import time
@@ -106,13 +105,9 @@ class DistillResult:
         }
 
     def to_json(self, path=None, indent: int | None = 1) -> str:
-        text = json.dumps(self.to_dict(), indent=indent)
-        if path is not None:
-            from pathlib import Path
+        from .report import json_text
 
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            Path(path).write_text(text + "\n")
-        return text
+        return json_text(self.to_dict(), path, indent)
 
 
 # ------------------------------------------------------------------------------------ helpers

@@ -36,6 +36,16 @@ def format_table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
+def json_text(data, path=None, indent: int | None = 1) -> str:
+    """``data`` as JSON text; also written to ``path`` (its folder created) when given."""
+    text = json.dumps(data, indent=indent)
+    if path is not None:
+        path = Path(os.fspath(path))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text + "\n", encoding="utf-8")
+    return text
+
+
 def write_json(data, path) -> Path:
     """Write ``data`` as indented JSON, creating the parent folder."""
     path = Path(os.fspath(path))

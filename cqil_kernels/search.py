@@ -22,7 +22,6 @@ search are in-sample (fitted and measured on the same windows); evaluate on othe
 
 from __future__ import annotations
 
-import json
 import random
 import time
 from dataclasses import dataclass, field
@@ -111,11 +110,9 @@ class SearchResult:
 
     def to_json(self, path=None, indent: int | None = 1, include_analysis: bool = False) -> str:
         """The full search report as JSON (``plan.to_json()`` is the plan alone)."""
-        text = json.dumps(self.to_dict(include_analysis), indent=indent)
-        if path is not None:
-            with open(path, "w", encoding="utf-8") as f:
-                f.write(text + "\n")
-        return text
+        from .report import json_text
+
+        return json_text(self.to_dict(include_analysis), path, indent)
 
 
 def contiguous_plans(num_layers: int, num_groups: int, parallel: int, bypass: int = 0, exclude=()) -> list[CQILPlan]:

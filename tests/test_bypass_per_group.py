@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 from reference_group import reference_model
+from test_conversion import left_padded_batch
 from tiny_models import FAMILIES, greedy_decode_logits, make_tiny, new_cache
 
 import cqil_kernels as ck
@@ -18,16 +19,6 @@ PLANS = [
 ]
 ATOL = 2e-4
 
-
-def left_padded_batch(vocab=97, lengths=(9, 5, 7), seed=0):
-    g = torch.Generator().manual_seed(seed)
-    T = max(lengths)
-    ids = torch.zeros(len(lengths), T, dtype=torch.long)
-    mask = torch.zeros(len(lengths), T, dtype=torch.long)
-    for b, n in enumerate(lengths):
-        ids[b, T - n :] = torch.randint(3, vocab, (n,), generator=g)
-        mask[b, T - n :] = 1
-    return ids, mask
 
 
 def err(a, b) -> float:
