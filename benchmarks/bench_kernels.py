@@ -99,20 +99,17 @@ def _cases(model, cfg, Ms, Ps, dtype, device):
     import torch
     import torch.nn.functional as F
 
+    from cqil_kernels.launch_config import use_launch_config
     from cqil_kernels.ops import (
-        _common, batched_gemm, batched_gemm_reference, decode_attention, decode_attention_reference, down_sum,
+        batched_gemm, batched_gemm_reference, decode_attention, decode_attention_reference, down_sum,
         down_sum_reference, gate_up_silu, gate_up_silu_reference, qkv_gemm, qkv_gemm_reference, qkv_rope_cache,
         qkv_rope_cache_reference,
     )
 
     def kernel_reduce(fn, *a):
-        """The same op with SPLITK_MODE = "kernel" (separate reduction launch) for the A/B."""
-        old = _common.SPLITK_MODE
-        _common.SPLITK_MODE = "kernel"
-        try:
+        """The same op with splitk_mode = "kernel" (separate reduction launch) for the A/B."""
+        with use_launch_config(splitk_mode="kernel"):
             return fn(*a)
-        finally:
-            _common.SPLITK_MODE = old
 
     H, nh, nkv, D, I, L = (cfg[k] for k in ("H", "nh", "nkv", "D", "I", "L"))
     N = (nh + 2 * nkv) * D

@@ -62,10 +62,10 @@ def assert_error_budget(out: torch.Tensor, ref_hi: torch.Tensor, ref_lo: torch.T
 @pytest.fixture
 def poisoned_workspaces(monkeypatch):
     """Split-K / split-KV workspaces filled with NaN, so a program that skips its slice fails."""
-    from cqil_kernels.ops import _common
+    from cqil_kernels.launch_config import use_launch_config
 
-    monkeypatch.setattr(_common, "POISON_WORKSPACE", True)
-    yield
+    with use_launch_config(poison_workspaces=True):
+        yield
 
 
 def randn(*shape, dtype, device, scale=1.0, generator=None):

@@ -67,15 +67,17 @@ def test_triton_backend_generate_tokens_match(device):
     assert torch.equal(model.generate(**kw), torch_model.generate(**kw))
 
 
-def test_prefill_sized_gemms_go_to_cublas_only_on_a_gpu(monkeypatch):
-    """Routing policy of the Triton op set: more than PREFILL_M rows on CUDA -> torch (cuBLAS)."""
+def test_prefill_sized_gemms_go_to_cublas_only_on_a_gpu():
+    """Routing policy of the Triton op set: more than prefill_m rows on CUDA -> torch (cuBLAS)."""
     from cqil_kernels.backends import triton_ops
+    from cqil_kernels.launch_config import heuristic_config
 
     class FakeCuda:
         is_cuda = True
 
-    assert triton_ops._to_cublas(FakeCuda(), triton_ops.PREFILL_M + 1)
-    assert not triton_ops._to_cublas(FakeCuda(), 16)
-    assert not triton_ops._to_cublas(torch.empty(1), 4096)  # CPU: the kernels (interpreter) at every size
-    monkeypatch.setattr(triton_ops, "PREFILL_M", None)
-    assert not triton_ops._to_cublas(FakeCuda(), 4096)
+    cfg = heuristic_config("gpu")
+    assert triton_ops.to_cublas(FakeCuda(), cfg.prefill_m + 1, cfg)
+    assert not triton_ops.to_cublas(FakeCuda(), 16, cfg)
+    assert not triton_ops.to_cublas(torch.empty(1), 4096, cfg)  # CPU: the kernels (interpreter) at every size
+    assert not triton_ops.to_cublas(FakeCuda(), 4096, cfg.replace(prefill_m=None))
+    assert triton_ops.to_cublas(FakeCuda(), 200, cfg.replace(prefill_m=128))

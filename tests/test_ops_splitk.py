@@ -41,14 +41,13 @@ def _cases(device, dtype=torch.float32, M=3, seed=0, H=97, I=71):
 @pytest.mark.parametrize("op", ["qkv_gemm", "batched_gemm", "gate_up_silu", "down_sum"])
 @pytest.mark.parametrize("M", [1, 3, 17])
 def test_serial_and_kernel_reduction_agree(device, monkeypatch, op, M):
-    from cqil_kernels.ops import _common
+    from cqil_kernels.launch_config import use_launch_config
+    from cqil_kernels.ops import _splitk as _common
 
     call = dict(_cases(device, M=M))[op]
-    monkeypatch.setattr(_common, "SPLITK_MODE", "kernel")
-    with LaunchCounter() as c_kernel:
+    with use_launch_config(splitk_mode="kernel"), LaunchCounter() as c_kernel:
         want = call(3)
-    monkeypatch.setattr(_common, "SPLITK_MODE", "serial")
-    with LaunchCounter() as c_serial:
+    with use_launch_config(splitk_mode="serial"), LaunchCounter() as c_serial:
         got = call(3)
     assert c_kernel.triton_launches() == 2 and c_serial.triton_launches() == 1
     assert not torch.isnan(got).any()
@@ -62,7 +61,7 @@ def test_serial_and_kernel_reduction_agree(device, monkeypatch, op, M):
 
 
 def test_counters_grow_and_stay_zero(device):
-    from cqil_kernels.ops import _common
+    from cqil_kernels.ops import _splitk as _common
 
     t = torch.empty(1, device=device)
     buf = _common.tile_counters(t, 10)
@@ -75,7 +74,7 @@ def test_counters_grow_and_stay_zero(device):
 @pytest.mark.parametrize("op", ["qkv_gemm", "batched_gemm", "gate_up_silu", "down_sum"])
 def test_serial_split_k_is_deterministic_on_gpu(cuda_device, op):
     """A race in the last-arrival reduction shows up as a result that changes between runs."""
-    from cqil_kernels.ops import _common
+    from cqil_kernels.ops import _splitk as _common
 
     # K spans several 128-wide blocks so the GPU tiles can split 8 ways
     call = dict(_cases(cuda_device, dtype=torch.bfloat16, M=1, H=1100, I=1030))[op]
@@ -92,15 +91,15 @@ def test_serial_split_k_is_deterministic_on_gpu(cuda_device, op):
     (3, 1, 2, 2, 24, 90, 40, True, 5),   # more splits asked than KV blocks: capped
 ])
 def test_decode_attention_serial_and_kernel_combine_agree(device, monkeypatch, B, P, NH, NKV, D, S, L, holes, num_splits):
-    from cqil_kernels.ops import _common
+    from cqil_kernels.launch_config import use_launch_config
+    from cqil_kernels.ops import _splitk as _common
     from cqil_kernels.ops.decode_attention import decode_attention_triton
     from test_ops_decode_attention import _inputs
 
     q, ks, vs, mask = _inputs(B, P, NH, NKV, D, S, L, torch.float32, device, holes, shared=True)
     outs, launches = {}, {}
     for mode in ("kernel", "serial"):
-        monkeypatch.setattr(_common, "SPLITK_MODE", mode)
-        with LaunchCounter() as c:
+        with use_launch_config(splitk_mode=mode), LaunchCounter() as c:
             outs[mode] = decode_attention_triton(q, ks, vs, mask, L, D ** -0.5, num_splits=num_splits)
         launches[mode] = c.triton_launches()
     assert launches == {"kernel": 2, "serial": 1}
@@ -113,7 +112,7 @@ def test_decode_attention_serial_and_kernel_combine_agree(device, monkeypatch, B
 
 
 def test_serial_decode_attention_is_deterministic_on_gpu(cuda_device):
-    from cqil_kernels.ops import _common
+    from cqil_kernels.ops import _splitk as _common
     from cqil_kernels.ops.decode_attention import decode_attention_triton
     from test_ops_decode_attention import _inputs
 
@@ -128,7 +127,7 @@ def test_serial_decode_attention_is_deterministic_on_gpu(cuda_device):
 def test_reserved_counters_are_reused(device):
     """reserve_tile_counters allocates once; the ops then reuse that buffer (no allocation later,
     e.g. inside a CUDA-graph capture)."""
-    from cqil_kernels.ops import _common
+    from cqil_kernels.ops import _splitk as _common
 
     t = torch.empty(1, device=device)
     _common.reserve_tile_counters(t.device)
@@ -141,7 +140,7 @@ def test_reserved_counters_are_reused(device):
 
 def test_convert_and_engine_reserve_counters_on_gpu(cuda_device, monkeypatch):
     import cqil_kernels as ck
-    from cqil_kernels.ops import _common
+    from cqil_kernels.ops import _splitk as _common
     from tiny_models import make_tiny
 
     monkeypatch.setattr(_common, "_COUNTERS", {})

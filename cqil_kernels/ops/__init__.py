@@ -9,7 +9,7 @@ Importing this package imports Triton when it is installed (the kernels are defi
 level, beside their references); ``import cqil_kernels`` alone does not import it.
 """
 
-from ._common import triton_usable
+from ._triton import triton_usable
 from .batched_gemm import batched_gemm, batched_gemm_reference
 from .decode_attention import decode_attention, decode_attention_reference
 from .down_sum import down_sum, down_sum_reference
