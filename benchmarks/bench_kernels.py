@@ -210,6 +210,16 @@ def run(models, Ms, Ps, device, quick):
         meta["device"] += " (Triton interpreter)"
     timer = _timer(device, quick)
     rows = []
+    from cqil_kernels.launch_config import use_launch_config
+
+    # the public ops would hand prefill-sized GEMMs to cuBLAS (LaunchConfig.prefill_m): here the
+    # kernels are timed at every size, cuBLAS through the references beside them
+    with use_launch_config(prefill_m=None):
+        _run_models(models, Ms, Ps, device, dtype, meta, timer, rows)
+    return rows
+
+
+def _run_models(models, Ms, Ps, device, dtype, meta, timer, rows):
     for model, cfg in models.items():
         for op, M, P, nbytes, impls, check in _cases(model, cfg, Ms, Ps, dtype, device):
             err = check()
@@ -222,7 +232,6 @@ def run(models, Ms, Ps, device, quick):
                 rows.append(row)
                 print(f"{model:13s} {op:17s} {impl:18s} M={M:<3d} P={P} {us:10.1f} us {gbps:8.1f} GB/s "
                       f"({row['frac_of_ceiling']:.0%} of {H100_READ_CEILING_GBPS:.0f})", flush=True)
-    return rows
 
 
 def main(argv=None):

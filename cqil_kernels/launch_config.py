@@ -291,6 +291,13 @@ class LaunchConfig:
             tile = table[("*", cls, None)]
         return tile
 
+    def gemm_to_torch(self, device, rows: int) -> bool:
+        """True when a GEMM of ``rows`` rows on ``device`` runs the torch reference (cuBLAS) instead
+        of the kernel: on a GPU above ``prefill_m`` rows (compute-bound there, cuBLAS is the
+        stronger kernel; the prefill target is parity with the unconverted model). Never on the
+        CPU (the interpreter runs the kernels at every size)."""
+        return self.prefill_m is not None and rows > self.prefill_m and getattr(device, "type", device) == "cuda"
+
     def sm_count_for(self, device) -> int:
         """SMs of ``device`` for grid sizing: the override, the GPU's count, or 1 (interpreter)."""
         if self.sm_count is not None:

@@ -68,16 +68,14 @@ def test_triton_backend_generate_tokens_match(device):
 
 
 def test_prefill_sized_gemms_go_to_cublas_only_on_a_gpu():
-    """Routing policy of the Triton op set: more than prefill_m rows on CUDA -> torch (cuBLAS)."""
-    from cqil_kernels.backends import triton_ops
+    """Routing policy of the ops (read from the launch config when they launch): more than
+    prefill_m rows on CUDA -> the torch reference (cuBLAS)."""
     from cqil_kernels.launch_config import heuristic_config
 
-    class FakeCuda:
-        is_cuda = True
-
     cfg = heuristic_config("gpu")
-    assert triton_ops.to_cublas(FakeCuda(), cfg.prefill_m + 1, cfg)
-    assert not triton_ops.to_cublas(FakeCuda(), 16, cfg)
-    assert not triton_ops.to_cublas(torch.empty(1), 4096, cfg)  # CPU: the kernels (interpreter) at every size
-    assert not triton_ops.to_cublas(FakeCuda(), 4096, cfg.replace(prefill_m=None))
-    assert triton_ops.to_cublas(FakeCuda(), 200, cfg.replace(prefill_m=128))
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert cfg.gemm_to_torch(cuda, cfg.prefill_m + 1)
+    assert not cfg.gemm_to_torch(cuda, 16)
+    assert not cfg.gemm_to_torch(cpu, 4096)  # CPU: the kernels (interpreter) at every size
+    assert not cfg.replace(prefill_m=None).gemm_to_torch(cuda, 4096)
+    assert cfg.replace(prefill_m=128).gemm_to_torch(cuda, 200)

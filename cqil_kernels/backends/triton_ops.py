@@ -4,10 +4,11 @@ Prefill attention goes through the model's own attention function (SDPA/flash), 
 every mask form transformers produces; decode attention runs the group's P*nh heads in one
 kernel when the mask is one the op set understands, and falls back otherwise.
 
-Prefill-sized GEMMs (more than ``LaunchConfig.prefill_m`` rows) on a GPU go to the torch
-references, i.e. cuBLAS: there the GEMMs are compute-bound, cuBLAS is the stronger kernel and the
-fusions save little, and the prefill target is parity with the unconverted model, which uses
-cuBLAS. Decode-sized GEMMs, where the fusions and split-K pay, run the Triton kernels. Under the
+Prefill-sized GEMMs (more than ``LaunchConfig.prefill_m`` rows) on a GPU run the torch references,
+i.e. cuBLAS: there the GEMMs are compute-bound, cuBLAS is the stronger kernel and the fusions save
+little, and the prefill target is parity with the unconverted model, which uses cuBLAS. Decode-sized
+GEMMs, where the fusions and split-K pay, run the Triton kernels. The ops themselves decide this
+when they launch (inside their custom ops, so ``torch.compile`` traces nothing of it); under the
 interpreter (CPU tests) every size runs the kernels. ``use_launch_config(prefill_m=None)`` always
 uses them (``benchmarks/bench_kernels.py`` times both at prefill sizes).
 """
@@ -16,30 +17,15 @@ from __future__ import annotations
 
 import torch
 
-from ..launch_config import LaunchConfig, launch_config_for
-from ..ops import (
-    batched_gemm as _batched_gemm,
-    batched_gemm_reference,
-    down_sum as _down_sum,
-    down_sum_reference,
-    gate_up_silu as _gate_up_silu,
-    gate_up_silu_reference,
-    qkv_gemm as _qkv_gemm,
-    qkv_gemm_reference,
-    qkv_rope_cache as _qkv_rope_cache,
-)
+from ..ops import batched_gemm as _batched_gemm
 from ..ops import decode_attention as _decode_attention
+from ..ops import down_sum as _down_sum
+from ..ops import gate_up_silu as _gate_up_silu
+from ..ops import qkv_gemm as _qkv_gemm
+from ..ops import qkv_rope_cache as _qkv_rope_cache
 from .base import OpSet, csrc_decode_attention, kv_mask_from_hf, prepare_csrc  # noqa: F401  (kv_mask_from_hf re-exported)
 
-__all__ = ["TritonOps", "to_cublas"]
-
-
-def to_cublas(t: torch.Tensor, rows: int, config: LaunchConfig | None = None) -> bool:
-    """True when a GEMM of ``rows`` rows on t's device goes to the torch reference (cuBLAS)."""
-    if not t.is_cuda:
-        return False
-    cfg = config if config is not None else launch_config_for(t.device)
-    return cfg.prefill_m is not None and rows > cfg.prefill_m
+__all__ = ["TritonOps"]
 
 
 class TritonOps(OpSet):
@@ -53,8 +39,7 @@ class TritonOps(OpSet):
 
     def qkv_gemm(self, x, norm_weights, weights, biases, eps):
         """``ops.qkv_gemm``; x [M, H] (cuBLAS reference when M > prefill_m on a GPU)."""
-        fn = qkv_gemm_reference if to_cublas(x, x.shape[0]) else _qkv_gemm
-        return fn(x, norm_weights, weights, biases, eps)
+        return _qkv_gemm(x, norm_weights, weights, biases, eps)
 
     def qkv_rope_cache(self, x, norm_weights, weights, biases, eps, cos, sin, q_norms, k_norms, qk_eps,
                        k_cache, v_cache, layer0, slot, tokens_per_seq, num_heads):
@@ -64,18 +49,15 @@ class TritonOps(OpSet):
 
     def batched_gemm(self, x, weights, biases=None):
         """``ops.batched_gemm``; x [P, M, K]."""
-        fn = batched_gemm_reference if to_cublas(x, x.shape[1]) else _batched_gemm
-        return fn(x, weights, biases)
+        return _batched_gemm(x, weights, biases)
 
     def gate_up_silu(self, u, norm_weights, gate_weights, up_weights, eps, residual=None, bypass=0, context=0):
         """``ops.gate_up_silu``; u [C + P, M, H]."""
-        fn = gate_up_silu_reference if to_cublas(u, u.shape[1]) else _gate_up_silu
-        return fn(u, norm_weights, gate_weights, up_weights, eps, residual, bypass, context)
+        return _gate_up_silu(u, norm_weights, gate_weights, up_weights, eps, residual, bypass, context)
 
     def down_sum(self, m, weights, residual, attn=None):
         """``ops.down_sum``; m [P, M, I]."""
-        fn = down_sum_reference if to_cublas(m, m.shape[1]) else _down_sum
-        return fn(m, weights, residual, attn)
+        return _down_sum(m, weights, residual, attn)
 
     def cached_decode_attention(self, q, k_caches, v_caches, kv_mask, kv_len, scale):
         """q [B, P*nh, D] over P caches [B, nkv, S, D] -> [B, P*nh, D] (split-KV kernel)."""

@@ -139,7 +139,7 @@ def batched_gemm_triton(x, weights, biases=None, *, out=None, split_k=None):
 @torch.library.custom_op("cqil::batched_gemm", mutates_args=())
 def _batched_gemm_op(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor]) -> torch.Tensor:
     biases = from_op_list(biases)
-    if use_triton(x):
+    if use_triton(x) and not launch_config_for(x.device).gemm_to_torch(x.device, x.shape[1]):
         return batched_gemm_triton(x, weights, biases)
     return batched_gemm_reference(x, weights, biases)
 

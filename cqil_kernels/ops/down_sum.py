@@ -159,7 +159,7 @@ def down_sum_triton(m, weights, residual, attn=None, *, out=None, split_k=None):
 @torch.library.custom_op("cqil::down_sum", mutates_args=())
 def _down_sum_op(m: torch.Tensor, weights: list[torch.Tensor], residual: torch.Tensor | None,
                  attn: torch.Tensor | None) -> torch.Tensor:
-    if use_triton(m):
+    if use_triton(m) and not launch_config_for(m.device).gemm_to_torch(m.device, m.shape[1]):
         return down_sum_triton(m, weights, residual, attn)
     return down_sum_reference(m, weights, residual, attn)
 

@@ -224,7 +224,7 @@ def _gate_up_silu_op(u: torch.Tensor, norm_weights: list[torch.Tensor], gate_wei
                      up_weights: list[torch.Tensor], eps: float, residual: torch.Tensor | None = None,
                      bypass: int = 0, context: int = 0) -> torch.Tensor:
     norm_weights = from_op_list(norm_weights)
-    if use_triton(u):
+    if use_triton(u) and not launch_config_for(u.device).gemm_to_torch(u.device, u.shape[1]):
         return gate_up_silu_triton(u, norm_weights, gate_weights, up_weights, eps, residual, bypass, context)
     return gate_up_silu_reference(u, norm_weights, gate_weights, up_weights, eps, residual, bypass, context)
 

@@ -235,7 +235,7 @@ def qkv_gemm_triton(x, norm_weights, weights, biases, eps, *, out=None, split_k=
 def _qkv_gemm_op(x: torch.Tensor, norm_weights: list[torch.Tensor], weights: list[torch.Tensor],
                  biases: list[torch.Tensor], eps: float) -> torch.Tensor:
     norm_weights, biases = from_op_list(norm_weights), from_op_list(biases)
-    if use_triton(x):
+    if use_triton(x) and not launch_config_for(x.device).gemm_to_torch(x.device, x.shape[0]):
         return qkv_gemm_triton(x, norm_weights, weights, biases, eps)
     return qkv_gemm_reference(x, norm_weights, weights, biases, eps)
 
