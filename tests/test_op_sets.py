@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import cqil_kernels as ck
+import cqil_kernels.ops  # noqa: F401  decorate the kernels now, while conftest's TRITON_INTERPRET=1 is set
 from cqil_kernels import compiled
 from cqil_kernels.backends import BACKENDS, OpSet, get_ops, parse_backend, resolve_backend
 from tiny_models import make_tiny
