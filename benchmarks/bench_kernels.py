@@ -137,15 +137,11 @@ class Case:
 
 
 def _kernel_reduce(fn, *a, **k):
-    """The same op with SPLITK_MODE = "kernel" (separate reduction launch) for the A/B."""
-    from cqil_kernels.ops import _common
+    """The same op with splitk_mode = "kernel" (separate reduction launch) for the A/B."""
+    from cqil_kernels.launch_config import use_launch_config
 
-    old = _common.SPLITK_MODE
-    _common.SPLITK_MODE = "kernel"
-    try:
+    with use_launch_config(splitk_mode="kernel"):
         return fn(*a, **k)
-    finally:
-        _common.SPLITK_MODE = old
 
 
 def qkv_gemm_case(c, P, M, rnd, norm, eb):
@@ -518,6 +514,16 @@ def run(models, Ms, Ps, device, quick, emit=print, ops=None, ceiling=None, hot=F
                     read=ceiling["read"], copy=ceiling["copy"]))
     timer = Timer(device, quick)
     rows = []
+    from cqil_kernels.launch_config import use_launch_config
+
+    # the public ops would hand prefill-sized GEMMs to cuBLAS (LaunchConfig.prefill_m): here the
+    # kernels are timed at every size, cuBLAS through the references beside them
+    with use_launch_config(prefill_m=None):
+        _run_models(models, Ms, Ps, device, dtype, meta, timer, rows)
+    return rows
+
+
+def _run_models(models, Ms, Ps, device, dtype, meta, timer, rows):
     for model, cfg in models.items():
         for case in cases(model, cfg, Ms, Ps, dtype, device, ops):
             base = dict(meta, model=model, op=case.op, M=case.M, P=case.P, bytes=case.nbytes)

@@ -42,7 +42,7 @@ from decode_models import SHAPES, TINY_SHAPES, build_model, paper_plan, plan_nam
 import cqil_kernels
 from cqil_kernels.engine import DecodeEngine
 from cqil_kernels.launches import LaunchCounter
-from cqil_kernels.ops import _common
+from cqil_kernels.launch_config import heuristic_config, use_launch_config
 from cqil_kernels.report import environment, write_json
 
 H100_SMS = 132
@@ -94,7 +94,17 @@ def main(argv=None) -> int:
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     if device.type == "cpu":
         torch.set_num_threads(1)
-        _common.SM_COUNT_OVERRIDE = H100_SMS
+    # on the CPU: the H100's launch decisions (132 SMs, GPU tiles), so the count is the GPU's
+    with use_launch_config(heuristic_config("gpu", sm_count=H100_SMS) if device.type == "cpu" else None):
+        rows = count_all(args, device, shapes, all_shapes, dtype)
+    if args.out:
+        counting = COUNTING_NOTE["cpu" if device.type == "cpu" else "gpu"]
+        write_json({"environment": environment(device), "sm_count_assumed": H100_SMS if device.type == "cpu" else None,
+                    "counting": counting, "batch": args.batch, "prompt": args.prompt, "rows": rows}, args.out)
+    return 0
+
+
+def count_all(args, device, shapes, all_shapes, dtype) -> list:
     rows = []
     counting = COUNTING_NOTE["cpu" if device.type == "cpu" else "gpu"]
     print(f"counting: {counting}")
@@ -112,10 +122,7 @@ def main(argv=None) -> int:
                 print(f"{shape:<14} {backend:<7} {r['plan']:<16} {r['segments']:>5} {r['launches']:>8} "
                       f"{r['launches_per_segment']:>8} {r['triton_launches']:>6} {r['host_syncs']:>5}")
                 del model
-    if args.out:
-        write_json({"environment": environment(device), "sm_count_assumed": H100_SMS if device.type == "cpu" else None,
-                    "counting": counting, "batch": args.batch, "prompt": args.prompt, "rows": rows}, args.out)
-    return 0
+    return rows
 
 
 if __name__ == "__main__":

@@ -38,16 +38,18 @@ def as_on_gpu(sm_count: int = 132):
     """Launch decisions and dtype paths of a GPU while the tensors stay on the CPU."""
     import importlib
 
-    _common = importlib.import_module("cqil_kernels.ops._common")
-    saved = [(_common, "SM_COUNT_OVERRIDE", _common.SM_COUNT_OVERRIDE)]
-    _common.SM_COUNT_OVERRIDE = sm_count
+    from cqil_kernels.launch_config import heuristic_config, use_launch_config
+
+    saved = []
     # modules that import interpreted() by name (the package re-exports functions of the same names)
-    mods = [importlib.import_module(f"cqil_kernels.ops.{m}") for m in ("_common", "decode_attention", "qkv_rope_cache")]
+    mods = [importlib.import_module(f"cqil_kernels.ops.{m}")
+            for m in ("_triton", "_buffers", "decode_attention", "qkv_rope_cache")]
     for mod in mods:
         saved.append((mod, "interpreted", mod.interpreted))
         mod.interpreted = lambda t: False
     try:
-        yield
+        with use_launch_config(heuristic_config("gpu", sm_count=sm_count)):
+            yield
     finally:
         for mod, name, value in saved:
             setattr(mod, name, value)

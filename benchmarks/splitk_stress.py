@@ -3,10 +3,10 @@
 For every op of the decode step (``bench_kernels.CASES``) at M = 1 on SmolLM2-135M and Llama-7B
 shapes, group sizes P in {1, 2, 4}:
 
-1. the op runs eagerly with ``SPLITK_MODE = "kernel"`` (a separate reduction launch: the same
+1. the op runs eagerly with ``splitk_mode="kernel"`` (a separate reduction launch: the same
    partial sums in the same order, the reference for the serial path);
-2. it is captured in a CUDA graph with ``SPLITK_MODE = "serial"`` and NaN-poisoned workspaces
-   (``POISON_WORKSPACE``: the fill is captured too, so every replay starts from NaN partials);
+2. it is captured in a CUDA graph with ``splitk_mode="serial"`` and NaN-poisoned workspaces
+   (``poison_workspaces``: the fill is captured too, so every replay starts from NaN partials);
 3. the graph is replayed ``--replays`` times (1000); after each replay the output must equal the
    first replay's, bit for bit;
 4. the counters are then grown (a larger reservation: the graph must keep its own, kept-alive
@@ -37,39 +37,39 @@ def _tensors(out):
 
 
 def _counters_zero() -> bool:
-    from cqil_kernels.ops import _common
+    from cqil_kernels.ops import _splitk
 
-    bufs = list(_common._COUNTERS.values()) + [b for bs in _common._RETIRED.values() for b in bs]
+    bufs = list(_splitk._COUNTERS.values()) + [b for bs in _splitk._RETIRED.values() for b in bs]
     return all(not bool(b.any()) for b in bufs)
 
 
 def _split_launches(fn, copy):
     """(reduction/combine launches of the op in "kernel" mode: > 0 means it splits at this shape,
     its outputs)."""
+    from cqil_kernels.launch_config import use_launch_config
     from cqil_kernels.launches import LaunchCounter
-    from cqil_kernels.ops import _common
 
-    old = _common.SPLITK_MODE
-    _common.SPLITK_MODE = "kernel"
-    try:
-        with LaunchCounter() as c:
-            want = fn(copy)
-    finally:
-        _common.SPLITK_MODE = old
+    with use_launch_config(splitk_mode="kernel"), LaunchCounter() as c:
+        want = fn(copy)
     n = sum(v for k, v in c.by_name.items() if "_splitk_reduce_kernel" in k or "_decode_combine_kernel" in k)
     return n, [t.clone() for t in _tensors(want)]
 
 
 def stress_case(case, replays: int, device: str) -> dict:
     """Steps 1-5 of the module docstring for one case; returns the row (without status)."""
-    import torch
-
-    from cqil_kernels.ops import _common
+    from cqil_kernels.launch_config import use_launch_config
 
     copy = case.make()
     fused = case.impls["triton_fused"]
     reductions, want = _split_launches(fused, copy)
-    _common.SPLITK_MODE = "serial"
+    with use_launch_config(splitk_mode="serial"):
+        return _stress_serial(fused, copy, want, reductions, replays, device)
+
+
+def _stress_serial(fused, copy, want, reductions, replays: int, device: str) -> dict:
+    import torch
+
+    from cqil_kernels.ops import _splitk
     mismatches = torch.zeros((), dtype=torch.int64, device=device)
     if device == "cuda":
         stream = torch.cuda.Stream()
@@ -92,9 +92,9 @@ def stress_case(case, replays: int, device: str) -> dict:
         replay()
         for t, f in zip(outs, first):
             mismatches += (t != f).any()
-    grown_from = max((b.numel() for b in _common._COUNTERS.values()), default=0)
+    grown_from = max((b.numel() for b in _splitk._COUNTERS.values()), default=0)
     dev = torch.device(device, torch.cuda.current_device()) if device == "cuda" else torch.device(device)
-    _common.reserve_tile_counters(dev, grown_from + _common._RESERVED_TILES)  # grows: a new buffer
+    _splitk.reserve_tile_counters(dev, grown_from + _splitk._RESERVED_TILES)  # grows: a new buffer
     for _ in range(replays):
         replay()
         for t, f in zip(outs, first):
@@ -105,7 +105,7 @@ def stress_case(case, replays: int, device: str) -> dict:
     diff = max(float((t.double() - w.double()).abs().max()) if t.numel() else 0.0 for t, w in zip(outs, want))
     row = dict(split_launches_in_kernel_mode=reductions, replays=2 * replays, mismatching_replays=int(mismatches),
                counters_zero=_counters_zero(), output_nan=nan, max_diff_vs_kernel_mode=diff,
-               counters_grown_from=grown_from, counters_now=int(_common._COUNTERS[dev].numel()))
+               counters_grown_from=grown_from, counters_now=int(_splitk._COUNTERS[dev].numel()))
     # the two finishes add the same partials in the same order, but their epilogues are different
     # kernels (FMA contraction may differ): allow one ulp of the output at its scale
     scale = max(float(w.abs().max()) if w.numel() else 0.0 for w in want)
@@ -131,7 +131,8 @@ def main(argv=None) -> int:
     import torch
 
     import bench_kernels as bk
-    from cqil_kernels.ops import _common
+    from cqil_kernels.launch_config import heuristic_config, use_launch_config
+    from cqil_kernels.ops._splitk import reserve_tile_counters
     from step_log import StepLog
 
     log = StepLog(args.jsonl, args.step)
@@ -143,10 +144,18 @@ def main(argv=None) -> int:
     replays = args.replays if args.replays is not None else (2 if args.dry_run else 1000)
     Ps = args.P or ([1, 2] if args.dry_run else [1, 2, 4])
     dtype = torch.float32 if args.dry_run else torch.bfloat16
-    if args.dry_run:
-        _common.SM_COUNT_OVERRIDE = 132  # the GPU's split decisions (tiny shapes still split: BK 32)
-    _common.POISON_WORKSPACE = True
-    _common.reserve_tile_counters(torch.device(device, 0) if device == "cuda" else device)
+    # dry run: the GPU's split decisions (132 SMs; tiny shapes still split: BK 32)
+    with use_launch_config(heuristic_config("interpreter", sm_count=132) if args.dry_run else None,
+                            poison_workspaces=True):
+        reserve_tile_counters(torch.device(device, 0) if device == "cuda" else device)
+        failed = _run_cases(bk, models, Ps, dtype, device, replays, log)
+    log.emit("done" if not failed else "fail", dict(kind="summary", failed=failed))
+    return 1 if failed else 0
+
+
+def _run_cases(bk, models, Ps, dtype, device, replays, log) -> int:
+    import torch
+
     failed = 0
     for model, cfg in models.items():
         for case in bk.cases(model, cfg, [1], Ps, dtype, device):
@@ -164,8 +173,7 @@ def main(argv=None) -> int:
             print(f"{status:5s} {model:13s} {case.op:17s} P={case.P} {what}", flush=True)
             if device == "cuda":
                 torch.cuda.empty_cache()
-    log.emit("done" if not failed else "fail", dict(kind="summary", failed=failed))
-    return 1 if failed else 0
+    return failed
 
 
 if __name__ == "__main__":

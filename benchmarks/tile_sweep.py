@@ -1,7 +1,8 @@
 """Tile and split-K sweep of the weight-streaming decode GEMMs at M = 1 (a GPU check).
 
-The decode tiles (``_common.gemm_blocks``: BM 16, BN 64, BK 128, 4 warps, 4 stages) and the
-split-K heuristic (``pick_split_k``: about 2 programs per SM) are untuned heuristics. For each
+The decode tiles (``launch_config.heuristic_config("gpu")``: BM 16, BN 64, BK 128, 4 warps, 4
+stages; gate_up_silu BK 64) and the split-K policy (about 2 programs per SM) are untuned
+heuristics. For each
 GEMM (gate_up_silu first: about 45% of a Llama layer's weight bytes; then down_sum, qkv_gemm,
 batched_gemm) at Llama-7B P = 2, then SmolLM2-135M P = 2, this times the defaults, then one change
 at a time (num_stages 3/5, BK 64/256, BN 32/128, 8 warps), then forced split counts. A config is
@@ -12,16 +13,16 @@ rows. Every config is verified (the tests' error budget) and timed as ``bench_ke
     python benchmarks/tile_sweep.py --jsonl /tmp/sweep.jsonl --deadline-s 120
     python benchmarks/tile_sweep.py --dry-run          # tiny shapes through the interpreter
 
-Tiles are overridden by replacing ``gemm_blocks`` in the op's module for the duration of a call
-(the op's own heuristic runs first, so the interpreter set-up is kept); splits go through the
-op's ``*_triton(..., split_k=k)``.
+Tiles are overridden by a launch configuration whose tile table has the op's decode row changed
+(on top of the current one, so the interpreter set-up is kept); splits go through the op's
+``*_triton(..., split_k=k)``. The per-shape tuner that writes a device's launch-config file is
+``tune_kernels.py`` (``tune --kernels``).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
 import os
 import sys
 import time
@@ -30,7 +31,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
 OPS = ("gate_up_silu", "down_sum", "qkv_gemm", "batched_gemm")
-OP_MODULES = {"gate_up_silu": "gate_up", "down_sum": "down_sum", "qkv_gemm": "qkv_gemm", "batched_gemm": "batched_gemm"}
 TILE_CHANGES = ({}, {"num_stages": 3}, {"num_stages": 5}, {"BK": 64}, {"BK": 256}, {"BN": 32}, {"BN": 128},
                 {"num_warps": 8})
 SPLITS = (1, 2, 4, 8, 16, 32)
@@ -44,21 +44,16 @@ def configs(dry: bool):
 
 
 @contextlib.contextmanager
-def tiles(op: str, change: dict):
-    """Within the block, the op's decode tiles are its heuristic's with ``change`` applied."""
-    mod = importlib.import_module(f"cqil_kernels.ops.{OP_MODULES[op]}")
-    original = mod.gemm_blocks
+def tiles(op: str, change: dict, device):
+    """Within the block, the op's decode tile is the current one with ``change`` applied."""
+    import dataclasses
 
-    def patched(M, t):
-        cfg = dict(original(M, t))
-        cfg.update(change)
-        return cfg
+    from cqil_kernels.launch_config import TileRule, launch_config_for, use_launch_config
 
-    mod.gemm_blocks = patched
-    try:
+    cfg = launch_config_for(device)
+    tile = dataclasses.replace(cfg.gemm_tile(op, 1, 0, 0, 0), **change)  # (0, 0, 0): the class row
+    with use_launch_config(cfg.with_rules([TileRule(op, "decode", tile)], source=f"{cfg.source} + sweep {change}")):
         yield
-    finally:
-        mod.gemm_blocks = original
 
 
 def main(argv=None) -> int:
@@ -110,7 +105,7 @@ def main(argv=None) -> int:
                            bytes=case.nbytes)
                 try:
                     def fn(d, case=case, split=split, change=change):
-                        with tiles(case.op, change):
+                        with tiles(case.op, change, torch.device(device)):
                             return case.triton(d, split)
 
                     ref_fn, ref_args = case.reference(copies[op][0])

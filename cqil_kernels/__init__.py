@@ -16,6 +16,7 @@ from .loading import load_model
 from .plan import CQILPlan
 from .search import SearchResult, search
 from .texts import TokenWindows, default_text, load_windows, make_windows, read_text
+from .tuning import TuneResult, tune
 
 __version__ = "0.1.0"
 
@@ -54,5 +55,8 @@ __all__ = [
     "GroupCalibration",
     "distill",
     "DistillResult",
+    # the fastest plan on this machine within a quality budget
+    "tune",
+    "TuneResult",
     "__version__",
 ]

@@ -1,4 +1,4 @@
-"""Command line: ``python -m cqil_kernels analyze|search|eval|generate|calibrate|distill|main``.
+"""Command line: ``python -m cqil_kernels analyze|search|eval|generate|calibrate|distill|main|tune|bench``.
 
 Every command works offline on the embedded SmolLM2-135M by default (``--model`` takes a local HF
 directory or a .gguf file instead). Errors the user can fix (missing or unreadable file, bad plan,
@@ -298,6 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     _calibrate_args(p)
     # On by default, a fixed number of steps (deterministic), on top of the correction; --distill-steps 0 skips it.
     add_distill_arguments(p, **MAIN_DISTILL)
+    add_main_tune_arguments(p)
     p.set_defaults(func=cmd_main)
 
     p = sub.add_parser("distill", help="recover quality: LoRA + KL distillation of a converted plan",
@@ -312,6 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="save the distilled converted model here (save_pretrained)")
     add_distill_arguments(p, default_steps=200, optional=False)
     p.set_defaults(func=cmd_distill)
+
+    _add_tune_parser(sub)
     return parser
 
 
@@ -927,6 +930,7 @@ def cmd_main(args) -> int:
     print(f"\nwall time {clock.wall['total']:.0f} s ({clock.cpu['total']:.0f} CPU s), peak memory "
           f"{clock.peak_rss_mb['total']:.0f} MB; reports in {out}/ (main.json, plan.json, search.json, "
           "analysis.json, analysis.png)")
+    main_tuning_table(args, model, result, out)
     return 0
 
 
@@ -1034,6 +1038,170 @@ def cmd_distill(args) -> int:
         tok.save_pretrained(args.out)
         print(f"saved the distilled converted model to {args.out}")
     return 0
+
+
+# ------------------------------------------------------------------------------------ tune
+def _int_list(text: str) -> list[int]:
+    """``"1,4"`` -> [1, 4] (positive integers)."""
+    try:
+        values = [int(v) for v in text.replace(" ", "").split(",") if v != ""]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
+    return values
+
+
+def _add_tune_parser(sub) -> None:
+    p = sub.add_parser(
+        "tune", help="measure candidate plans for latency here and quality on text; recommend one",
+        description="Candidate plans (no groups; search results for N = 1..--max-groups at each --parallel; "
+        "the paper's S/E/P plans; --plans files) are timed with DecodeEngine on --device (CUDA graph on a GPU, "
+        "eager on the CPU) and measured for quality on calibration text (search's measurements reused). "
+        "Prints a Pareto table, writes tune.json, tune.png and the recommended plan.json (fastest within the "
+        "quality budget) into --out. With --kernels: sweep kernel tiles on a GPU and write the per-device "
+        "launch-config file instead.")
+    _common(p, max_windows=4)
+    p.add_argument("--text", "--calib-text", dest="text", default=None,
+                   help="calibration text file (default: built-in text, calibration half)")
+    g = p.add_argument_group("candidate plans")
+    g.add_argument("--parallel", type=_int_list, default=[2, 3, 4], help="group sizes P to search (default 2,3,4)")
+    g.add_argument("--max-groups", type=_positive_int, default=4, help="search N = 1..this many groups (default 4)")
+    g.add_argument("--plans", nargs="+", default=[], metavar="PLAN_JSON", help="also measure these plan files")
+    g.add_argument("--no-search", action="store_true", help="no search: no groups, paper plans and --plans only")
+    g.add_argument("--no-paper", action="store_true", help="leave out the paper's S/E/P plans")
+    g.add_argument("--exclude", type=_layer_list, default=[], help="layers no searched group may touch")
+    g.add_argument("--bypass", type=int, default=0, help="bypass distance d of searched plans (default 0)")
+    g.add_argument("--beam", type=_positive_int, default=4, help="search: candidates measured per step (default 4)")
+    g.add_argument("--seed", type=int, default=0, help="search tie-break seed (default 0)")
+    g = p.add_argument_group("latency (measured on --device)")
+    g.add_argument("--batch-sizes", type=_int_list, default=[1], help="decode batch sizes (default 1; the first ranks)")
+    g.add_argument("--context-lengths", type=_int_list, default=[128],
+                   help="decode context (cache) lengths (default 128; the first ranks)")
+    g.add_argument("--prompt-len", type=_positive_int, default=128, help="prefill prompt length (default 128)")
+    g.add_argument("--decode-steps", type=_positive_int, default=16, help="decode steps per repeat (default 16)")
+    g.add_argument("--repeats", type=_positive_int, default=5, help="timed repeats after a warm-up (default 5)")
+    g.add_argument("--launch-config", default=None, help="launch-config JSON the engine runs under "
+                   "(default: the device's tuned file in the package, else the heuristics)")
+    g.add_argument("--world-size", type=int, default=None,
+                   help="add the MODELED step on W devices (cqil_kernels.distributed.latency_model)")
+    g.add_argument("--allreduce-us", type=_nonneg_float, default=20.0,
+                   help="all-reduce latency assumed by --world-size (default 20 us: NCCL on H100 NVLink)")
+    g = p.add_argument_group("recommendation")
+    g.add_argument("--budget-ppl", type=_nonneg_float, default=None,
+                   help="largest relative perplexity increase on calibration text (default 0.10 = +10%%)")
+    g.add_argument("--budget-kl", type=_nonneg_float, default=None, help="or: largest mean KL (nats/token)")
+    p.add_argument("--out", default="reports/tune", help="folder for tune.json, tune.png, plan.json (default reports/tune)")
+    g = p.add_argument_group("kernel tuning (GPU)")
+    g.add_argument("--kernels", action="store_true",
+                   help="sweep tiles, warps, stages and split counts of the model's decode GEMMs (M = batch) and "
+                   "write the per-device launch-config JSON into --out (CUDA only)")
+    g.add_argument("--install", action="store_true",
+                   help="with --kernels: also copy the file into the package, where launches on this device find it")
+    g.add_argument("--time-budget", type=_nonneg_float, default=420.0,
+                   help="with --kernels: stop sweeping after this many seconds, keeping the best so far (default 420)")
+    g.add_argument("--quick", action="store_true", help="with --kernels: a small candidate grid")
+    g.add_argument("--kernel-dtype", default="bfloat16", help="with --kernels: the weights' dtype (default bfloat16)")
+    p.set_defaults(func=cmd_tune)
+
+
+def _tune_budget(args) -> dict:
+    if args.budget_ppl is not None and args.budget_kl is not None:
+        raise CLIError("give one quality budget: --budget-ppl or --budget-kl")
+    return {"budget_ppl": args.budget_ppl, "budget_kl": args.budget_kl}
+
+
+def cmd_tune(args) -> int:
+    """candidates -> quality (cached, search's reused) -> latency here -> Pareto table, plot, plan.json."""
+    if args.kernels:
+        return _cmd_tune_kernels(args)
+    from .tuning import Candidate, tune
+
+    budget = _tune_budget(args)
+    if args.world_size is not None and args.world_size < 2:
+        raise CLIError(f"--world-size must be >= 2 (the modeled devices), got {args.world_size}")
+    if args.launch_config is not None and not Path(args.launch_config).is_file():
+        raise CLIError(f"launch config not found: {args.launch_config}")
+    model, tok = _load(args)
+    n = _num_layers(model)
+    plans = [Candidate(f"file {Path(path).stem}", _read_plan(path, n), f"file {path}") for path in args.plans]
+    exclude = _resolve_layers(args.exclude, n)
+    windows = _windows(args, tok, args.text, "calib", args.max_windows)
+    t0 = time.perf_counter()
+    result = tune(model, windows, parallel=args.parallel, max_groups=args.max_groups, plans=plans,
+                  run_search=not args.no_search, include_paper=not args.no_paper, **budget,
+                  batch_sizes=args.batch_sizes, context_lengths=args.context_lengths, prompt_len=args.prompt_len,
+                  decode_steps=args.decode_steps, repeats=args.repeats, world_size=args.world_size,
+                  allreduce_us=args.allreduce_us, backend=args.backend, launch_config=args.launch_config,
+                  search_kwargs=dict(exclude=exclude, bypass=args.bypass, beam=args.beam, seed=args.seed),
+                  batch_size=args.batch_size, progress=_progress(args))
+    print(result.table())
+    paths = result.write(args.out)
+    print(f"tuned in {time.perf_counter() - t0:.0f} s; wrote {paths['json']}, {paths['png']} and {paths['plan']} "
+          f"(python -m cqil_kernels convert/eval --plan {paths['plan']})")
+    return 0
+
+
+def _cmd_tune_kernels(args) -> int:
+    import torch
+
+    from . import kernel_tuning
+
+    device = torch.device(args.device)
+    if device.type != "cuda":
+        raise CLIError(f"tune --kernels needs a CUDA GPU (--device cuda), not {device}: Triton interpreter timings "
+                       "on a CPU say nothing about the GPU kernels")
+    if not torch.cuda.is_available():
+        raise CLIError("tune --kernels: CUDA is not available in this torch build or machine")
+    from .loading import load_model, parse_dtype
+
+    model, _ = load_model(args.model, dtype="float32", device="cpu")  # only its shapes are used
+    result = kernel_tuning.tune_kernels(model.config, device=device, dtype=parse_dtype(args.kernel_dtype),
+                                        batch_sizes=args.batch_sizes,
+                                        parallel=[1] + [p for p in args.parallel if p > 1],
+                                        context_length=args.context_lengths[0], quick=args.quick,
+                                        time_budget_s=args.time_budget, progress=_progress(args))
+    print(result.table())
+    paths = result.write(args.out, install=args.install)
+    print("wrote " + ", ".join(str(v) for v in paths.values()))
+    return 0
+
+
+def add_main_tune_arguments(parser: argparse.ArgumentParser) -> None:
+    """The main job's closing tuning table (``main_tuning_table``)."""
+    g = parser.add_argument_group("closing tuning table (latency of the measured plans on --device)")
+    g.add_argument("--no-tune", action="store_true", help="skip the closing latency / quality table")
+    g.add_argument("--tune-budget-ppl", type=_nonneg_float, default=0.10,
+                   help="quality budget of its recommendation (calibration perplexity change, default 0.10)")
+    g.add_argument("--tune-context", type=_positive_int, default=64, help="its decode context length (default 64)")
+    g.add_argument("--tune-steps", type=_positive_int, default=8, help="its decode steps per repeat (default 8)")
+    g.add_argument("--tune-repeats", type=_positive_int, default=3, help="its timed repeats (default 3)")
+
+
+def main_tuning_table(args, model, search_result, out) -> dict | None:
+    """The main job's last step: the plans its search already measured (no groups, the best plan of
+    every N, the best contiguous window) timed here, their calibration quality reused as measured
+    (nothing is re-measured), printed as a Pareto table; tune.json, tune.png and tune_plan.json into
+    ``out``. Returns the written paths (None with --no-tune)."""
+    if args.no_tune:
+        return None
+    from .plan import CQILPlan
+    from .tuning import Candidate, QualityCache, search_candidates, tune
+
+    t0 = time.perf_counter()
+    quality = QualityCache(search_result.settings.get("text"))
+    quality.add_search(search_result)
+    candidates = [Candidate("no groups", CQILPlan.sequential(), "baseline")]
+    candidates += search_candidates(search_result, _num_layers(model))
+    result = tune(model, None, candidates=candidates, quality=quality, budget_ppl=args.tune_budget_ppl,
+                  context_lengths=(args.tune_context,), prompt_len=args.tune_context, decode_steps=args.tune_steps,
+                  repeats=args.tune_repeats, backend=args.backend, progress=_progress(args))
+    paths = result.write(out, plan_name="tune_plan.json")
+    print()
+    print(result.table())
+    print(f"tuning table: {time.perf_counter() - t0:.0f} s ({len(candidates)} plans, quality from the search above); "
+          f"wrote {paths['json']}, {paths['png']}, {paths['plan']}")
+    return paths
 
 
 # ------------------------------------------------------------------------------------ entry point

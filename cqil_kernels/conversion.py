@@ -12,7 +12,7 @@ from __future__ import annotations
 from torch import nn
 
 from . import compat
-from .backends import resolve_backend
+from .backends import get_ops, resolve_backend
 from .families import FAMILIES, family_of_layer
 from .group import CQILGroup
 from .plan import CQILPlan
@@ -265,10 +265,7 @@ def convert(model, plan: CQILPlan | dict | None = None, backend: str = "auto", p
     model._cqil_backend = backend
     if placement is not None:
         model.__dict__["_cqil_placement"] = (placement, comm.rank, tuple(freed))
-    if backend == "triton" and device.type == "cuda":
-        from .ops._common import reserve_tile_counters  # the serial split-K counters, before any capture
-
-        reserve_tile_counters(device)
+    get_ops(backend).prepare(device)  # e.g. the serial split-K counters, before any capture
     return model
 
 

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from .backends import get_ops, resolve_backend
 from .conversion import check_model, decoder_layers, get_plan, is_converted, placement_of
 from .group import CQILGroup
+from .launch_config import LaunchConfig, launch_config_for, load_launch_config, use_launch_config
 
 __all__ = ["DecodeEngine", "generate"]
 
@@ -49,9 +50,13 @@ class DecodeEngine:
             used in place.
         max_batch_size: largest batch ``generate`` will see.
         max_length: KV-cache length S = prompt + new tokens, at most.
-        backend: "auto" (Triton on CUDA), "triton" or "torch" for the GEMMs of every segment.
+        backend: "auto" (Triton on CUDA), "triton", "torch" (or "+csrc" forms, see
+            ``cqil_kernels.backends``): the op set of every segment, attention included.
         cuda_graph: capture the decode step (default: True on CUDA, False elsewhere; with several
             ranks only where the collectives can be captured, i.e. NCCL).
+        launch_config: a ``LaunchConfig`` or the path of a launch-config file the steps run
+            under; None: whatever is current at each step (``use_launch_config`` or the device's
+            default). Captured graphs are keyed by (batch size, effective config).
         process_group: the process group the model was converted with
             (``convert(model, plan, process_group=pg)``), to check it is the one intended; the
             engine always runs the groups as converted (each rank its layers, one all-reduce per
@@ -66,7 +71,8 @@ class DecodeEngine:
     """
 
     def __init__(self, model, max_batch_size: int = 1, max_length: int = 2048, backend: str = "auto",
-                 cuda_graph: bool | None = None, process_group=None, overlap: bool = False):
+                 cuda_graph: bool | None = None, launch_config: LaunchConfig | str | None = None,
+                 process_group=None, overlap: bool = False):
         inner = getattr(model, "model", None)
         if inner is None or not hasattr(model, "lm_head"):
             raise TypeError(f"{type(model).__name__} is not a causal LM with model.model and lm_head")
@@ -95,6 +101,13 @@ class DecodeEngine:
         p = next(model.parameters())
         self.device, self.dtype = p.device, inner.embed_tokens.weight.dtype
         self.backend = resolve_backend(backend, self.device)
+        # ---- op set and launch configuration: the op set decides every kernel, the engine's
+        # decode attention included; its buffers are prepared before any graph capture
+        self.ops = get_ops(self.backend)
+        self.ops.prepare(self.device)
+        if launch_config is not None and not isinstance(launch_config, LaunchConfig):
+            launch_config = load_launch_config(launch_config, self.device)
+        self.launch_config = launch_config
         capturable = self.comm is None or self.comm._uses_nccl  # gloo collectives run on the host
         self.cuda_graph = (self.device.type == "cuda" and capturable) if cuda_graph is None else cuda_graph
         if self.cuda_graph and self.device.type != "cuda":
@@ -113,25 +126,20 @@ class DecodeEngine:
         held = [i for i in range(self.num_layers) if i not in released and not self._held_elsewhere(layers, i)]
         self._slot_of = {layer: slot for slot, layer in enumerate(held)}
         shape = (len(held), self.max_batch_size, self.num_kv_heads, self.max_length, self.head_dim)
-        if self.backend == "triton":
-            from .ops._common import reserve_tile_counters  # before any graph capture
+        if self.backend.startswith("triton"):
+            from .ops._splitk import reserve_tile_counters  # before any graph capture
 
             # the most split-K counters a step can need: a split decode attention over a group of
-            # every layer at the largest batch (the GEMMs' splits need fewer, see _common)
+            # every layer at the largest batch (the GEMMs' splits need fewer, see ops/_splitk.py)
             reserve_tile_counters(self.device, self.max_batch_size * self.num_layers * self.num_kv_heads)
         self.k_cache = torch.zeros(shape, device=self.device, dtype=self.dtype)
         self.v_cache = torch.zeros(shape, device=self.device, dtype=self.dtype)
-        from .ops import decode_attention, decode_attention_reference
-
-        # the torch backend is torch end to end (its reference), not "Triton where it can run"
-        self._decode_attention = decode_attention_reference if self.backend == "torch" else decode_attention
-        self.ops = get_ops(self.backend)
         self._build_segments()
         self._build_rope_tables()
         if self.comm is not None and self.device.type == "cuda":
             # symmetric-memory buffers for the group reductions, allocated before any capture
             self.comm.prepare(self.max_batch_size * inner.embed_tokens.embedding_dim, self.dtype)
-        self._graphs: dict[int, tuple] = {}
+        self._graphs: dict[tuple, tuple] = {}  # (B, effective LaunchConfig) -> (graph, logits)
         self._graph_weights = None  # fingerprint of the weights the captured graphs read
         self._pool = None
 
@@ -242,9 +250,17 @@ class DecodeEngine:
             self.v_cache[c, rows].index_copy_(2, slot_index, v[:, j * nkv : (j + 1) * nkv])
 
     # ------------------------------------------------------------------ prefill
+    def effective_launch_config(self) -> LaunchConfig:
+        """The launch config the next step runs under (the engine's own, else the current one)."""
+        return self.launch_config if self.launch_config is not None else launch_config_for(self.device)
+
     @torch.inference_mode()
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Run the prompt [B, T] (left padding in attention_mask) into the cache; logits [B, V] of the last position."""
+        with use_launch_config(self.effective_launch_config()):
+            return self._prefill(input_ids, attention_mask)
+
+    def _prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         self._check_model_unchanged()
         self._gather_weights()
         B, T = input_ids.shape
@@ -291,8 +307,8 @@ class DecodeEngine:
         keys = [self.k_cache[self._slot_of[i], rows] for i in g.indices]
         values = [self.v_cache[self._slot_of[i], rows] for i in g.indices]
         # S sizes the launch (static for the graph); slot, on the device, bounds the reads
-        out = self._decode_attention(q, keys, values, kv_mask, self.max_length, g.layers[0].self_attn.scaling,
-                                     slot)
+        out = self.ops.cached_decode_attention(q, keys, values, kv_mask, self.max_length,
+                                               g.layers[0].self_attn.scaling, slot)
         return out.view(q.shape[0], g.size, -1).transpose(0, 1)
 
     def _decode_step(self, B: int) -> torch.Tensor:
@@ -343,9 +359,10 @@ class DecodeEngine:
                     hs[i] = out
         return [p.wait() if p is not None else h for p, h in zip(pending, hs)]
 
-    def _graph_step(self, B: int):
-        """Replay the captured step for batch B, capturing it on first use (that call runs eagerly)."""
-        entry = self._graphs.get(B)
+    def _graph_step(self, B: int, config: LaunchConfig):
+        """Replay the step captured for batch B under ``config``, capturing it on first use (that
+        call runs eagerly). A graph bakes its launch decisions in, so it is keyed by both."""
+        entry = self._graphs.get((B, config))
         if entry is not None:
             graph, logits = entry
             graph.replay()
@@ -362,7 +379,7 @@ class DecodeEngine:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
             logits = self._decode_step(B)
-        self._graphs[B] = (graph, logits)
+        self._graphs[(B, config)] = (graph, logits)
         return first
 
     @torch.inference_mode()
@@ -381,9 +398,11 @@ class DecodeEngine:
         if B not in getattr(self, "_states", {}):
             raise RuntimeError(f"no prefilled sequences of batch size {B}: call prefill() before step()")
         self._state(B)["tok"].copy_(tokens.view(B, 1))
-        if self.cuda_graph and cuda_graph is not False:
-            return self._graph_step(B)
-        return self._decode_step(B)
+        config = self.effective_launch_config()
+        with use_launch_config(config):
+            if self.cuda_graph and cuda_graph is not False:
+                return self._graph_step(B, config)
+            return self._decode_step(B)
 
     # ------------------------------------------------------------------ generate
     @torch.inference_mode()

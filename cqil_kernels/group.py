@@ -321,9 +321,9 @@ class _HFAttention:
         attn0 = g.layers[0].self_attn
         window = sliding_window_of(g.family, attn0)
         out = None
-        fast = getattr(ops, "decode_attention", None) if weights is not None else None
-        if fast is not None and T == 1 and not attn0.training:
-            out = fast(q, keys, values, self.mask, window, attn0.scaling)  # [B, P*nh, D] or None
+        if weights is not None and T == 1 and not attn0.training:
+            # the op set's decode attention: [B, P*nh, D], or None to use the model's own
+            out = ops.decode_attention(q, keys, values, self.mask, window, attn0.scaling)
         if out is None:
             k_all = keys[0] if P == 1 else torch.cat(keys, dim=1)
             v_all = values[0] if P == 1 else torch.cat(values, dim=1)

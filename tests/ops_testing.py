@@ -62,10 +62,19 @@ def assert_error_budget(out: torch.Tensor, ref_hi: torch.Tensor, ref_lo: torch.T
 @pytest.fixture
 def poisoned_workspaces(monkeypatch):
     """Split-K / split-KV workspaces filled with NaN, so a program that skips its slice fails."""
-    from cqil_kernels.ops import _common
+    from cqil_kernels.launch_config import use_launch_config
 
-    monkeypatch.setattr(_common, "POISON_WORKSPACE", True)
-    yield
+    with use_launch_config(poison_workspaces=True):
+        yield
+
+
+def launch_config_for_test(request, **changes):
+    """Launches for the rest of the test use these launch-config changes (undone at its end)."""
+    from cqil_kernels.launch_config import use_launch_config
+
+    scope = use_launch_config(**changes)
+    scope.__enter__()
+    request.addfinalizer(lambda: scope.__exit__(None, None, None))
 
 
 def randn(*shape, dtype, device, scale=1.0, generator=None):

@@ -67,15 +67,15 @@ def test_triton_backend_generate_tokens_match(device):
     assert torch.equal(model.generate(**kw), torch_model.generate(**kw))
 
 
-def test_prefill_sized_gemms_go_to_cublas_only_on_a_gpu(monkeypatch):
-    """Routing policy of the Triton op set: more than PREFILL_M rows on CUDA -> torch (cuBLAS)."""
-    from cqil_kernels.backends import triton_ops
+def test_prefill_sized_gemms_go_to_cublas_only_on_a_gpu():
+    """Routing policy of the ops (read from the launch config when they launch): more than
+    prefill_m rows on CUDA -> the torch reference (cuBLAS)."""
+    from cqil_kernels.launch_config import heuristic_config
 
-    class FakeCuda:
-        is_cuda = True
-
-    assert triton_ops._to_cublas(FakeCuda(), triton_ops.PREFILL_M + 1)
-    assert not triton_ops._to_cublas(FakeCuda(), 16)
-    assert not triton_ops._to_cublas(torch.empty(1), 4096)  # CPU: the kernels (interpreter) at every size
-    monkeypatch.setattr(triton_ops, "PREFILL_M", None)
-    assert not triton_ops._to_cublas(FakeCuda(), 4096)
+    cfg = heuristic_config("gpu")
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert cfg.gemm_to_torch(cuda, cfg.prefill_m + 1)
+    assert not cfg.gemm_to_torch(cuda, 16)
+    assert not cfg.gemm_to_torch(cpu, 4096)  # CPU: the kernels (interpreter) at every size
+    assert not cfg.replace(prefill_m=None).gemm_to_torch(cuda, 4096)
+    assert cfg.replace(prefill_m=128).gemm_to_torch(cuda, 200)

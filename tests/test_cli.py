@@ -86,7 +86,8 @@ def test_main_job(tiny_dir, text_file, tmp_path, capsys):
     out = tmp_path / "reports"
     assert run("main", "--model", tiny_dir, "--calib-text", text_file, "--groups", 2, "--calib-windows", 2,
                "--eval-windows", 2, "--max-new-tokens", 4, "--beam", 2, "--out", out, "--distill-steps", 0, *FAST) == 0
-    for name in ("main.json", "plan.json", "search.json", "analysis.json", "analysis.png"):
+    for name in ("main.json", "plan.json", "search.json", "analysis.json", "analysis.png",
+                 "tune.json", "tune.png", "tune_plan.json"):  # the closing tuning table's files too
         assert (out / name).is_file(), name
     report = json.loads((out / "main.json").read_text())
     assert report["num_layers"] == 6 and len(report["plan"]["groups"]) == 2
@@ -94,6 +95,7 @@ def test_main_job(tiny_dir, text_file, tmp_path, capsys):
     assert "pydoc_data.topics[eval]" in report["evaluation"]["text"]["source"]
     printed = capsys.readouterr().out
     assert "seq. steps" in printed and "cqil (search)" in printed
+    assert "CPU latencies" in printed and "<- recommended" in printed
 
 
 
@@ -284,7 +286,7 @@ def test_help_for_every_command(capsys):
     out = subprocess.run([sys.executable, "-m", "cqil_kernels", "--help"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "usage: python -m cqil_kernels" in out.stdout and "analyze" in out.stdout
-    for cmd in ("analyze", "search", "eval", "generate", "main"):
+    for cmd in ("analyze", "search", "eval", "generate", "main", "distill", "tune"):
         with pytest.raises(SystemExit) as e:
             main([cmd, "--help"])
         assert e.value.code == 0

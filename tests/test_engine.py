@@ -43,7 +43,7 @@ PLAN = ck.CQILPlan.contiguous(1, 5, 2)  # 6 layers: [1, 2], [3, 4] -> 4 sequenti
 
 @pytest.fixture(autouse=True)
 def _torch_ops_on_cpu(monkeypatch, request):
-    # Dispatch checks TRITON_INTERPRET at call time (cqil_kernels.ops._common.triton_usable).
+    # Dispatch checks TRITON_INTERPRET at call time (cqil_kernels.ops._triton.triton_usable).
     if request.config.getoption("--device") == "cpu":
         monkeypatch.setenv("TRITON_INTERPRET", "0")
 

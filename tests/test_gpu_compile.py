@@ -25,33 +25,35 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 def _workloads(device):
     """Prefill + decode steps of small bf16 models in both split-K modes: every kernel, split and
     unsplit, decode (M = 1, 2) and prefill (M > 16) tiles, Qwen3 q/k norm, Qwen2 bias, bypass."""
-    from cqil_kernels.ops import _common
+    from cqil_kernels.launch_config import use_launch_config
 
     for mode in ("serial", "kernel"):
-        _common.SPLITK_MODE = mode
-        for family, groups, bypass, batch in (("llama", [[1, 2]], 0, 1), ("qwen3", [[0, 1, 2]], 1, 2),
-                                              ("qwen2", [[1, 2]], 1, 1)):
-            model = make_tiny(family, num_layers=4, hidden_size=256, intermediate_size=300).to(device, torch.bfloat16)
-            ck.convert(model, ck.CQILPlan(groups=groups, bypass=bypass), backend="triton")
-            # S = 300 slots: the decode attention splits its KV
-            engine = ck.DecodeEngine(model, max_batch_size=batch, max_length=300, backend="triton", cuda_graph=False)
-            ids = torch.randint(3, 90, (batch, 20), device=device)
-            tok = engine.prefill(ids, torch.ones_like(ids)).argmax(-1)
-            engine.step(tok)
+        with use_launch_config(splitk_mode=mode):
+            _workloads_in_mode(device)
+
+
+def _workloads_in_mode(device):
+    for family, groups, bypass, batch in (("llama", [[1, 2]], 0, 1), ("qwen3", [[0, 1, 2]], 1, 2),
+                                          ("qwen2", [[1, 2]], 1, 1)):
+        model = make_tiny(family, num_layers=4, hidden_size=256, intermediate_size=300).to(device, torch.bfloat16)
+        ck.convert(model, ck.CQILPlan(groups=groups, bypass=bypass), backend="triton")
+        # S = 300 slots: the decode attention splits its KV
+        engine = ck.DecodeEngine(model, max_batch_size=batch, max_length=300, backend="triton", cuda_graph=False)
+        ids = torch.randint(3, 90, (batch, 20), device=device)
+        tok = engine.prefill(ids, torch.ones_like(ids)).argmax(-1)
+        engine.step(tok)
 
 
 def test_all_kernels_compile_for_h100(device, monkeypatch, tmp_path):
     pytest.importorskip("triton")
-    from cqil_kernels.ops import _common
+    from cqil_kernels.launch_config import heuristic_config, use_launch_config
     from gpu_compile import LaunchRecorder
     from sm90_resources import as_on_gpu, compile_records, record_real_shapes
 
     if device != "cpu":
         pytest.skip("records through the interpreter (CPU run); on a GPU the kernels compile by running")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setattr(_common, "SM_COUNT_OVERRIDE", 132)
-    monkeypatch.setattr(_common, "SPLITK_MODE", _common.SPLITK_MODE)
-    with LaunchRecorder() as rec:
+    with use_launch_config(heuristic_config("gpu", sm_count=132)), LaunchRecorder() as rec:
         _workloads(device)
     # and the exact GPU signatures (bf16 stores, GPU dtype paths) at real shapes, recorded dry
     with as_on_gpu(), LaunchRecorder(dry=True) as real:

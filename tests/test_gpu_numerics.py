@@ -38,7 +38,7 @@ def _record_kernels():
     kernel-mode split + combine), the split-K reduction with each epilogue (norm, GLU, residual +
     attention), and the GEMM kernels' own epilogues (unsplit: qkv with norm, gate_up; the RoPE
     kernel with rstd and Qwen3 q/k norm)."""
-    from cqil_kernels.ops import _common
+    from cqil_kernels.launch_config import use_launch_config
     from cqil_kernels.ops.decode_attention import decode_attention_triton
     from cqil_kernels.ops.down_sum import down_sum_triton
     from cqil_kernels.ops.gate_up import gate_up_silu_triton
@@ -51,9 +51,9 @@ def _record_kernels():
     x, g = e(1, 576), [e(576) for _ in range(2)]
     qkv = [w for _ in range(2) for w in (e(9 * 64, 576), e(3 * 64, 576), e(3 * 64, 576))]
     for mode in ("serial", "kernel"):
-        _common.SPLITK_MODE = mode
-        decode_attention_triton(e(1, 18, 64), list(kb.unbind(0)), list(kb.unbind(0)), torch.ones(1, 2112, dtype=torch.bool),
-                                2112, 0.125, torch.tensor([300]))
+        with use_launch_config(splitk_mode=mode):
+            decode_attention_triton(e(1, 18, 64), list(kb.unbind(0)), list(kb.unbind(0)), torch.ones(1, 2112, dtype=torch.bool),
+                                    2112, 0.125, torch.tensor([300]))
     for split in (4, 1):
         qkv_gemm_triton(x, g[:1], [e(49152, 576)], None, 1e-6, split_k=split)
         gate_up_silu_triton(e(2, 1, 576), g, [e(1536, 576) for _ in range(2)], [e(1536, 576) for _ in range(2)],
@@ -68,16 +68,11 @@ def _record_kernels():
 def _sm90_approximations():
     """{kernel: sorted approximate division/sqrt instructions in its sm_90 PTX} (all variants),
     and the decode attention's PTX."""
-    from cqil_kernels.ops import _common
     from gpu_compile import LaunchRecorder
     from sm90_resources import as_on_gpu, compile_records
 
-    mode = _common.SPLITK_MODE
-    try:
-        with as_on_gpu(), LaunchRecorder(dry=True) as rec:
-            _record_kernels()
-    finally:
-        _common.SPLITK_MODE = mode
+    with as_on_gpu(), LaunchRecorder(dry=True) as rec:
+        _record_kernels()
     found, attn_ptx = {}, ""
     for r in compile_records([dict(r, keep_ptx=True) for r in rec.unique()], 90, False):
         assert r["ok"], r.get("error")
@@ -150,15 +145,16 @@ def test_decode_attention_fp32_budget_holds_with_approximate_exp2(device, B, P, 
 
 @pytest.mark.parametrize("op", ["qkv_gemm", "gate_up_silu"])
 @pytest.mark.parametrize("M,H", [(1, 70), (3, 63), (17, 129)])
-def test_splitk_reduce_fp32_budget_holds_with_approximate_exp(device, monkeypatch, op, M, H):
+def test_splitk_reduce_fp32_budget_holds_with_approximate_exp(device, monkeypatch, request, op, M, H):
     """The split-K reduction's epilogues (rstd, SiLU) in "kernel" mode, with exp approximate."""
-    from cqil_kernels.ops import _common, gate_up_silu_reference, qkv_gemm_reference
+    from cqil_kernels.ops import gate_up_silu_reference, qkv_gemm_reference
+    from ops_testing import launch_config_for_test
     from cqil_kernels.ops.gate_up import gate_up_silu_triton
     from cqil_kernels.ops.qkv_gemm import qkv_gemm_triton
 
     if device != "cpu":
         pytest.skip("emulates the GPU's approximations in the interpreter")
-    monkeypatch.setattr(_common, "SPLITK_MODE", "kernel")
+    launch_config_for_test(request, splitk_mode="kernel")
     g = torch.Generator().manual_seed(M * 100 + H)
     P, N, I = 2, 36, 20
     dt, hi = torch.float32, hi_dtype(torch.float32)

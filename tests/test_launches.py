@@ -28,20 +28,19 @@ def test_counts_host_syncs():
 
 @pytest.mark.interpreter
 def test_counts_triton_launches_not_the_interpreters_own_ops(device, monkeypatch):
-    from cqil_kernels.ops import _common
+    from cqil_kernels.launch_config import use_launch_config
+    from cqil_kernels.ops import _splitk
     from cqil_kernels.ops.qkv_gemm import qkv_gemm_triton
 
     if device == "cpu":
         monkeypatch.setenv("TRITON_INTERPRET", "1")
     x, nw = torch.randn(2, 40, device=device), [torch.ones(40, device=device) for _ in range(2)]
     w = [torch.randn(24, 40, device=device) for _ in range(2)]
-    monkeypatch.setattr(_common, "SPLITK_MODE", "kernel")
-    with LaunchCounter() as c:
+    with use_launch_config(splitk_mode="kernel"), LaunchCounter() as c:
         qkv_gemm_triton(x, nw, w, None, 1e-6, split_k=2)
     assert dict(c.by_name) == {"triton::_qkv_gemm_kernel": 1, "triton::_splitk_reduce_kernel": 1}
-    monkeypatch.setattr(_common, "SPLITK_MODE", "serial")
-    _common.tile_counters(x, 1)  # allocated once per device (one aten::zeros the first time)
-    with LaunchCounter() as c:
+    _splitk.tile_counters(x, 1)  # allocated once per device (one aten::zeros the first time)
+    with use_launch_config(splitk_mode="serial"), LaunchCounter() as c:
         qkv_gemm_triton(x, nw, w, None, 1e-6, split_k=2)
     assert dict(c.by_name) == {"triton::_qkv_gemm_kernel": 1}
     with LaunchCounter() as c:
@@ -70,11 +69,15 @@ def test_decode_step_launches_per_segment_do_not_grow_with_p(device, monkeypatch
     any P) launches each of the six fused kernels once - qkv GEMM, RoPE/cache, attention, o_proj,
     gate_up, down - and nothing else: the split-K GEMMs finish in their own last program. The rest
     of the step is a fixed handful of launches, and it needs no host synchronisation."""
-    from cqil_kernels.ops import _common
+    from cqil_kernels.launch_config import heuristic_config, use_launch_config
 
     if device == "cpu":
         monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setattr(_common, "SM_COUNT_OVERRIDE", 132)
+    with use_launch_config(heuristic_config("gpu", sm_count=132)):
+        _launches_per_segment(family, device)
+
+
+def _launches_per_segment(family, device):
     fixed = set()
     for groups in ([], [[1, 2]], [[0, 1, 2, 3]], [[0, 1], [2, 3, 4]]):
         # hidden 200, MLP 260: K spans two or more of the GPU's 128-wide tiles, so the GEMMs split
@@ -95,12 +98,11 @@ def test_decode_step_launches_per_segment_do_not_grow_with_p(device, monkeypatch
 def test_decode_step_splits_its_gemms(device, monkeypatch):
     """The shapes above do split (so the previous test covers the serial split-K path): in
     "kernel" mode the same step launches reductions."""
-    from cqil_kernels.ops import _common
+    from cqil_kernels.launch_config import heuristic_config, use_launch_config
 
     if device == "cpu":
         monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setattr(_common, "SM_COUNT_OVERRIDE", 132)
-    monkeypatch.setattr(_common, "SPLITK_MODE", "kernel")
     model = make_tiny("llama", num_layers=2, hidden_size=200, intermediate_size=260).to(device)
-    steps, c = _step_launches(model, "triton", device)
+    with use_launch_config(heuristic_config("gpu", sm_count=132).replace(splitk_mode="kernel")):
+        steps, c = _step_launches(model, "triton", device)
     assert c.by_name["triton::_splitk_reduce_kernel"] >= 2 * steps

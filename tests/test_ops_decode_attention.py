@@ -163,17 +163,17 @@ def test_decode_attention_reads_only_the_live_length(device, dtype, B, P, NH, NK
 
 
 @pytest.mark.parametrize("mode", ["serial", "kernel"])
-def test_decode_attention_loads_nothing_past_last_pos(device, monkeypatch, mode):
+def test_decode_attention_loads_nothing_past_last_pos(device, monkeypatch, request, mode):
     """Count, under the interpreter, which K/V cache slots the kernel loads: none at or after the
     live length, although kv_len (and the grid) cover the whole static cache."""
     from triton.runtime import interpreter
 
-    from cqil_kernels.ops import _common
     from cqil_kernels.ops.decode_attention import decode_attention_triton
+    from ops_testing import launch_config_for_test
 
     if device != "cpu":
         pytest.skip("counts the interpreter's loads")
-    monkeypatch.setattr(_common, "SPLITK_MODE", mode)
+    launch_config_for_test(request, splitk_mode=mode)
     B, P, NH, NKV, D, S, live = 2, 2, 4, 2, 16, 256, 70
     q, ks, vs, _ = _inputs(B, P, NH, NKV, D, S, S, torch.float32, device, shared=True)
     kbuf, vbuf = ks[0], vs[0]  # views of [P, B, NKV, S, D] buffers: layer 0 at the lowest address

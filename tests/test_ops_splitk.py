@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cqil_kernels.launches import LaunchCounter
-from ops_testing import layer_tensors, norm_weights, randn
+from ops_testing import launch_config_for_test, layer_tensors, norm_weights, randn
 from ops_testing import poisoned_workspaces  # noqa: F401  (fixture)
 
 pytestmark = [pytest.mark.interpreter, pytest.mark.usefixtures("poisoned_workspaces")]
@@ -41,14 +41,13 @@ def _cases(device, dtype=torch.float32, M=3, seed=0, H=97, I=71):
 @pytest.mark.parametrize("op", ["qkv_gemm", "batched_gemm", "gate_up_silu", "down_sum"])
 @pytest.mark.parametrize("M", [1, 3, 17])
 def test_serial_and_kernel_reduction_agree(device, monkeypatch, op, M):
-    from cqil_kernels.ops import _common
+    from cqil_kernels.launch_config import use_launch_config
+    from cqil_kernels.ops import _splitk
 
     call = dict(_cases(device, M=M))[op]
-    monkeypatch.setattr(_common, "SPLITK_MODE", "kernel")
-    with LaunchCounter() as c_kernel:
+    with use_launch_config(splitk_mode="kernel"), LaunchCounter() as c_kernel:
         want = call(3)
-    monkeypatch.setattr(_common, "SPLITK_MODE", "serial")
-    with LaunchCounter() as c_serial:
+    with use_launch_config(splitk_mode="serial"), LaunchCounter() as c_serial:
         got = call(3)
     assert c_kernel.triton_launches() == 2 and c_serial.triton_launches() == 1
     assert not torch.isnan(got).any()
@@ -56,7 +55,7 @@ def test_serial_and_kernel_reduction_agree(device, monkeypatch, op, M):
         assert torch.equal(got, want)
     else:
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
-    assert not _common.tile_counters(got, 1).any(), "arrival counters were not reset"
+    assert not _splitk.tile_counters(got, 1).any(), "arrival counters were not reset"
     # and the unsplit kernel agrees within rounding
     torch.testing.assert_close(call(1), got, rtol=1e-4, atol=1e-4)
 
@@ -65,81 +64,81 @@ def test_counters_grow_and_stay_zero(device, monkeypatch):
     import gc
     import weakref
 
-    from cqil_kernels.ops import _common
+    from cqil_kernels.ops import _splitk
 
-    monkeypatch.setattr(_common, "_COUNTERS", {})
-    monkeypatch.setattr(_common, "_RETIRED", {})
+    monkeypatch.setattr(_splitk, "_COUNTERS", {})
+    monkeypatch.setattr(_splitk, "_RETIRED", {})
     t = torch.empty(1, device=device)
-    buf = _common.tile_counters(t, 10)
+    buf = _splitk.tile_counters(t, 10)
     assert buf.dtype == torch.int32 and buf.numel() >= 4096 and not buf.any()
-    assert _common.tile_counters(t, 10) is buf
+    assert _splitk.tile_counters(t, 10) is buf
     old = weakref.ref(buf)
-    big = _common.tile_counters(t, buf.numel() + 1)
+    big = _splitk.tile_counters(t, buf.numel() + 1)
     assert big.numel() > buf.numel() and not big.any()
     del buf
     gc.collect()
     # graphs captured with the old buffer still address it: it must not be freed
-    assert old() is not None and any(b is old() for b in _common._RETIRED[t.device])
-    assert _common.tile_counters(t, 1) is big
+    assert old() is not None and any(b is old() for b in _splitk._RETIRED[t.device])
+    assert _splitk.tile_counters(t, 1) is big
 
 
 def test_reserve_takes_an_explicit_size(device, monkeypatch):
-    from cqil_kernels.ops import _common
+    from cqil_kernels.ops import _splitk
 
-    monkeypatch.setattr(_common, "_COUNTERS", {})
-    monkeypatch.setattr(_common, "_RETIRED", {})
+    monkeypatch.setattr(_splitk, "_COUNTERS", {})
+    monkeypatch.setattr(_splitk, "_RETIRED", {})
     t = torch.empty(1, device=device)
-    buf = _common.reserve_tile_counters(t.device, 10_000)
-    assert buf.numel() == 10_000 and _common.tile_counters(t, 9_999) is buf
-    assert _common.reserve_tile_counters(t.device, 5) is buf  # never shrinks
-    assert _common.reserve_tile_counters(t.device).numel() == 10_000
+    buf = _splitk.reserve_tile_counters(t.device, 10_000)
+    assert buf.numel() == 10_000 and _splitk.tile_counters(t, 9_999) is buf
+    assert _splitk.reserve_tile_counters(t.device, 5) is buf  # never shrinks
+    assert _splitk.reserve_tile_counters(t.device).numel() == 10_000
     with pytest.raises(ValueError, match=">= 0"):
-        _common.reserve_tile_counters(t.device, -1)
+        _splitk.reserve_tile_counters(t.device, -1)
     with pytest.raises(TypeError, match="int"):
-        _common.reserve_tile_counters(t.device, 3.5)
+        _splitk.reserve_tile_counters(t.device, 3.5)
 
 
 def test_growth_is_refused_during_graph_capture(device, monkeypatch):
     """Inside a capture the buffer cannot move; what the reserve holds is still handed out."""
-    from cqil_kernels.ops import _common
+    from cqil_kernels.ops import _splitk
 
-    monkeypatch.setattr(_common, "_COUNTERS", {})
-    monkeypatch.setattr(_common, "_RETIRED", {})
+    monkeypatch.setattr(_splitk, "_COUNTERS", {})
+    monkeypatch.setattr(_splitk, "_RETIRED", {})
     t = torch.empty(1, device=device)
-    buf = _common.reserve_tile_counters(t.device, 5000)
-    monkeypatch.setattr(_common, "_capturing", lambda dev: True)
-    assert _common.tile_counters(t, 5000) is buf
+    buf = _splitk.reserve_tile_counters(t.device, 5000)
+    monkeypatch.setattr(_splitk, "_capturing", lambda dev: True)
+    assert _splitk.tile_counters(t, 5000) is buf
     with pytest.raises(RuntimeError, match=r"reserve_tile_counters\('cpu', 5001\)" if device == "cpu" else "reserve_tile_counters"):
-        _common.tile_counters(t, 5001)
-    assert _common.tile_counters(t, 1) is buf and not _common._RETIRED
+        _splitk.tile_counters(t, 5001)
+    assert _splitk.tile_counters(t, 1) is buf and not _splitk._RETIRED
     # and so is a first allocation
-    monkeypatch.setattr(_common, "_COUNTERS", {})
+    monkeypatch.setattr(_splitk, "_COUNTERS", {})
     with pytest.raises(RuntimeError, match="CUDA graph is being captured"):
-        _common.tile_counters(t, 1)
+        _splitk.tile_counters(t, 1)
 
 
 def test_engine_reserves_for_its_largest_attention(device, monkeypatch):
     """DecodeEngine reserves batch x layers x kv heads counters: a split decode attention over a
     group of every layer at the largest batch fits without growing during a capture."""
     import cqil_kernels as ck
-    from cqil_kernels.ops import _common
+    from cqil_kernels.ops import _splitk
     from tiny_models import make_tiny
 
     if device == "cpu":
         monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setattr(_common, "_COUNTERS", {})
-    monkeypatch.setattr(_common, "_RETIRED", {})
-    monkeypatch.setattr(_common, "_RESERVED_TILES", 1)
+    monkeypatch.setattr(_splitk, "_COUNTERS", {})
+    monkeypatch.setattr(_splitk, "_RETIRED", {})
+    monkeypatch.setattr(_splitk, "_RESERVED_TILES", 1)
     model = make_tiny("llama", num_layers=3).to(device)
     engine = ck.DecodeEngine(model, max_batch_size=5, max_length=16, backend="triton", cuda_graph=False)
     t = torch.empty(1, device=device)
-    assert _common.tile_counters(t, 1).numel() == 5 * 3 * engine.num_kv_heads
+    assert _splitk.tile_counters(t, 1).numel() == 5 * 3 * engine.num_kv_heads
 
 
 @pytest.mark.parametrize("op", ["qkv_gemm", "batched_gemm", "gate_up_silu", "down_sum"])
 def test_serial_split_k_is_deterministic_on_gpu(cuda_device, op):
     """A race in the last-arrival reduction shows up as a result that changes between runs."""
-    from cqil_kernels.ops import _common
+    from cqil_kernels.ops import _splitk
 
     # K spans several 128-wide blocks so the GPU tiles can split 8 ways
     call = dict(_cases(cuda_device, dtype=torch.bfloat16, M=1, H=1100, I=1030))[op]
@@ -147,7 +146,7 @@ def test_serial_split_k_is_deterministic_on_gpu(cuda_device, op):
     for _ in range(200):
         assert torch.equal(call(8), first)
     torch.cuda.synchronize()
-    assert not _common.tile_counters(first, 1).any()
+    assert not _splitk.tile_counters(first, 1).any()
 
 
 @pytest.mark.parametrize("B,P,NH,NKV,D,S,L,holes,num_splits,live", [
@@ -157,15 +156,15 @@ def test_serial_split_k_is_deterministic_on_gpu(cuda_device, op):
     (2, 2, 4, 2, 16, 200, 200, True, 5, 50),   # live length on the device: 3 of 5 splits empty
 ])
 def test_decode_attention_serial_and_kernel_combine_agree(device, monkeypatch, B, P, NH, NKV, D, S, L, holes, num_splits, live):
-    from cqil_kernels.ops import _common
+    from cqil_kernels.launch_config import use_launch_config
+    from cqil_kernels.ops import _splitk
     from cqil_kernels.ops.decode_attention import decode_attention_triton
     from test_ops_decode_attention import _inputs
 
     q, ks, vs, mask = _inputs(B, P, NH, NKV, D, S, L, torch.float32, device, holes, shared=True)
     outs, launches = {}, {}
     for mode in ("kernel", "serial"):
-        monkeypatch.setattr(_common, "SPLITK_MODE", mode)
-        with LaunchCounter() as c:
+        with use_launch_config(splitk_mode=mode), LaunchCounter() as c:
             last = None if live is None else torch.tensor([live - 1], device=device)
             outs[mode] = decode_attention_triton(q, ks, vs, mask, L, D ** -0.5, last, num_splits=num_splits)
         launches[mode] = c.triton_launches()
@@ -175,11 +174,11 @@ def test_decode_attention_serial_and_kernel_combine_agree(device, monkeypatch, B
         assert torch.equal(outs["serial"], outs["kernel"])
     else:
         torch.testing.assert_close(outs["serial"], outs["kernel"], rtol=1e-6, atol=1e-6)
-    assert not _common.tile_counters(q, 1).any()
+    assert not _splitk.tile_counters(q, 1).any()
 
 
 def test_serial_decode_attention_is_deterministic_on_gpu(cuda_device):
-    from cqil_kernels.ops import _common
+    from cqil_kernels.ops import _splitk
     from cqil_kernels.ops.decode_attention import decode_attention_triton
     from test_ops_decode_attention import _inputs
 
@@ -188,51 +187,51 @@ def test_serial_decode_attention_is_deterministic_on_gpu(cuda_device):
     for _ in range(200):
         assert torch.equal(decode_attention_triton(q, ks, vs, mask, 3000, 0.125), first)
     torch.cuda.synchronize()
-    assert not _common.tile_counters(q, 1).any()
+    assert not _splitk.tile_counters(q, 1).any()
 
 
 def test_reserved_counters_are_reused(device):
     """reserve_tile_counters allocates once; the ops then reuse that buffer (no allocation later,
     e.g. inside a CUDA-graph capture)."""
-    from cqil_kernels.ops import _common
+    from cqil_kernels.ops import _splitk
 
     t = torch.empty(1, device=device)
-    _common.reserve_tile_counters(t.device)
-    buf = _common.tile_counters(t, 1)
-    assert buf.numel() >= _common._RESERVED_TILES
+    _splitk.reserve_tile_counters(t.device)
+    buf = _splitk.tile_counters(t, 1)
+    assert buf.numel() >= _splitk._RESERVED_TILES
     call = dict(_cases(device))["down_sum"]
     call(3)
-    assert _common.tile_counters(t, 1) is buf and not buf.any()
+    assert _splitk.tile_counters(t, 1) is buf and not buf.any()
 
 
 def test_convert_and_engine_reserve_counters_on_gpu(cuda_device, monkeypatch):
     import cqil_kernels as ck
-    from cqil_kernels.ops import _common
+    from cqil_kernels.ops import _splitk
     from tiny_models import make_tiny
 
-    monkeypatch.setattr(_common, "_COUNTERS", {})
+    monkeypatch.setattr(_splitk, "_COUNTERS", {})
     model = make_tiny("llama").to(cuda_device)
     ck.convert(model, ck.CQILPlan(groups=[[1, 2]]), backend="triton")
     dev = torch.device("cuda", torch.cuda.current_device())
-    assert dev in _common._COUNTERS
-    monkeypatch.setattr(_common, "_COUNTERS", {})
+    assert dev in _splitk._COUNTERS
+    monkeypatch.setattr(_splitk, "_COUNTERS", {})
     engine = ck.DecodeEngine(model, max_batch_size=3, max_length=16, backend="triton")
-    assert _common._COUNTERS[dev].numel() >= 3 * engine.num_layers * engine.num_kv_heads
+    assert _splitk._COUNTERS[dev].numel() >= 3 * engine.num_layers * engine.num_kv_heads
 
 
-def test_captured_graph_survives_counter_growth_on_gpu(cuda_device, monkeypatch):
+def test_captured_graph_survives_counter_growth_on_gpu(cuda_device, monkeypatch, request):
     """Capture a serial split GEMM, grow the counters, replay: the graph keeps using its (kept
     alive) buffer, gives the same result and leaves it zeroed; growing inside a capture raises."""
     import gc
     import weakref
 
-    from cqil_kernels.ops import _common
+    from cqil_kernels.ops import _splitk
 
-    monkeypatch.setattr(_common, "_COUNTERS", {})
-    monkeypatch.setattr(_common, "_RETIRED", {})
-    monkeypatch.setattr(_common, "SPLITK_MODE", "serial")
+    monkeypatch.setattr(_splitk, "_COUNTERS", {})
+    monkeypatch.setattr(_splitk, "_RETIRED", {})
+    launch_config_for_test(request, splitk_mode="serial")
     dev = torch.device("cuda", torch.cuda.current_device())
-    _common.reserve_tile_counters(dev)
+    _splitk.reserve_tile_counters(dev)
     call = dict(_cases(cuda_device, dtype=torch.bfloat16, M=1, H=1100, I=1030))["down_sum"]
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -242,9 +241,9 @@ def test_captured_graph_survives_counter_growth_on_gpu(cuda_device, monkeypatch)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = call(8)
-    old = weakref.ref(_common._COUNTERS[dev])
+    old = weakref.ref(_splitk._COUNTERS[dev])
     old_ptr = old().data_ptr()
-    grown = _common.reserve_tile_counters(dev, old().numel() * 4)
+    grown = _splitk.reserve_tile_counters(dev, old().numel() * 4)
     assert grown.data_ptr() != old_ptr
     gc.collect()
     torch.cuda.empty_cache()
@@ -259,5 +258,5 @@ def test_captured_graph_survives_counter_growth_on_gpu(cuda_device, monkeypatch)
     assert all((b == 7).all() for b in bait)
     with pytest.raises(RuntimeError, match="reserve_tile_counters"):
         with torch.cuda.graph(torch.cuda.CUDAGraph()):
-            _common.tile_counters(out, grown.numel() + 1)
-    assert _common._COUNTERS[dev] is grown
+            _splitk.tile_counters(out, grown.numel() + 1)
+    assert _splitk._COUNTERS[dev] is grown

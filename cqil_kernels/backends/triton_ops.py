@@ -2,90 +2,76 @@
 
 Prefill attention goes through the model's own attention function (SDPA/flash), which handles
 every mask form transformers produces; decode attention runs the group's P*nh heads in one
-kernel when the mask is one this adapter understands, and falls back otherwise.
+kernel when the mask is one the op set understands, and falls back otherwise.
 
-Prefill-sized GEMMs (more than ``PREFILL_M`` rows) on a GPU go to the torch references, i.e.
-cuBLAS: there the GEMMs are compute-bound, cuBLAS is the stronger kernel and the fusions save
-little, and the issue's prefill target is parity with the unconverted model, which uses cuBLAS.
-Decode-sized GEMMs, where the fusions and split-K pay, run the Triton kernels. Under the
-interpreter (CPU tests) every size runs the kernels. Set ``PREFILL_M = None`` to always use them
-(``benchmarks/bench_kernels.py`` times both at prefill sizes).
+Prefill-sized GEMMs (more than ``LaunchConfig.prefill_m`` rows) on a GPU run the torch references,
+i.e. cuBLAS: there the GEMMs are compute-bound, cuBLAS is the stronger kernel and the fusions save
+little, and the prefill target is parity with the unconverted model, which uses cuBLAS. Decode-sized
+GEMMs, where the fusions and split-K pay, run the Triton kernels. The ops themselves decide this
+when they launch (inside their custom ops, so ``torch.compile`` traces nothing of it); under the
+interpreter (CPU tests) every size runs the kernels. ``use_launch_config(prefill_m=None)`` always
+uses them (``benchmarks/bench_kernels.py`` times both at prefill sizes).
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..ops import (
-    batched_gemm as _batched_gemm,
-    batched_gemm_reference,
-    down_sum as _down_sum,
-    down_sum_reference,
-    gate_up_silu as _gate_up_silu,
-    gate_up_silu_reference,
-    qkv_gemm as _qkv_gemm,
-    qkv_gemm_reference,
-    qkv_rope_cache,  # noqa: F401  (decode only: always the kernels)
-)
+from ..ops import batched_gemm as _batched_gemm
 from ..ops import decode_attention as _decode_attention
-from .torch_ops import rms_norm  # noqa: F401  (Qwen3 q/k norm: tiny, stays in torch)
+from ..ops import down_sum as _down_sum
+from ..ops import gate_up_silu as _gate_up_silu
+from ..ops import qkv_gemm as _qkv_gemm
+from ..ops import qkv_rope_cache as _qkv_rope_cache
+from .base import OpSet, csrc_decode_attention, kv_mask_from_hf, prepare_csrc  # noqa: F401  (kv_mask_from_hf re-exported)
 
-PREFILL_M: int | None = 64
-
-
-def _to_cublas(t: torch.Tensor, rows: int) -> bool:
-    return PREFILL_M is not None and t.is_cuda and rows > PREFILL_M
-
-
-def qkv_gemm(x, norm_weights, weights, biases, eps):
-    """``ops.qkv_gemm``; x [M, H] (cuBLAS reference when M > PREFILL_M on a GPU)."""
-    fn = qkv_gemm_reference if _to_cublas(x, x.shape[0]) else _qkv_gemm
-    return fn(x, norm_weights, weights, biases, eps)
+__all__ = ["TritonOps"]
 
 
-def batched_gemm(x, weights, biases=None):
-    """``ops.batched_gemm``; x [P, M, K]."""
-    fn = batched_gemm_reference if _to_cublas(x, x.shape[1]) else _batched_gemm
-    return fn(x, weights, biases)
+class TritonOps(OpSet):
+    """Fused Triton kernels (CUDA natively; CPU under ``TRITON_INTERPRET=1``); prefill-sized GEMMs
+    on a GPU go to cuBLAS. ``attention="csrc"``: the compiled CUDA decode attention instead of the
+    Triton one."""
 
+    def __init__(self, name: str = "triton", attention: str = "default"):
+        super().__init__(name)
+        self.attention = attention
 
-def gate_up_silu(u, norm_weights, gate_weights, up_weights, eps, residual=None, bypass=0, context=0):
-    """``ops.gate_up_silu``; u [C + P, M, H]."""
-    fn = gate_up_silu_reference if _to_cublas(u, u.shape[1]) else _gate_up_silu
-    return fn(u, norm_weights, gate_weights, up_weights, eps, residual, bypass, context)
+    def qkv_gemm(self, x, norm_weights, weights, biases, eps):
+        """``ops.qkv_gemm``; x [M, H] (cuBLAS reference when M > prefill_m on a GPU)."""
+        return _qkv_gemm(x, norm_weights, weights, biases, eps)
 
+    def qkv_rope_cache(self, x, norm_weights, weights, biases, eps, cos, sin, q_norms, k_norms, qk_eps,
+                       k_cache, v_cache, layer0, slot, tokens_per_seq, num_heads):
+        """``ops.qkv_rope_cache`` (decode only: always the kernels)."""
+        return _qkv_rope_cache(x, norm_weights, weights, biases, eps, cos, sin, q_norms, k_norms, qk_eps,
+                               k_cache, v_cache, layer0, slot, tokens_per_seq, num_heads)
 
-def down_sum(m, weights, residual, attn=None):
-    """``ops.down_sum``; m [P, M, I]."""
-    fn = down_sum_reference if _to_cublas(m, m.shape[1]) else _down_sum
-    return fn(m, weights, residual, attn)
+    def batched_gemm(self, x, weights, biases=None):
+        """``ops.batched_gemm``; x [P, M, K]."""
+        return _batched_gemm(x, weights, biases)
 
+    def gate_up_silu(self, u, norm_weights, gate_weights, up_weights, eps, residual=None, bypass=0, context=0):
+        """``ops.gate_up_silu``; u [C + P, M, H]."""
+        return _gate_up_silu(u, norm_weights, gate_weights, up_weights, eps, residual, bypass, context)
 
-def kv_mask_from_hf(attention_mask, kv_len: int, batch: int):
-    """The [B, S] keep-mask of one decode step from transformers' mask, or False if unsupported.
+    def down_sum(self, m, weights, residual, attn=None):
+        """``ops.down_sum``; m [P, M, I]."""
+        return _down_sum(m, weights, residual, attn)
 
-    Handles: None (every cached position is valid), 4D bool [B, 1, 1, S] (True = attend) and 4D
-    additive float [B, 1, 1, S] (0 = attend). Anything else (BlockMask, 2D padding masks of flash
-    attention, mismatched lengths) returns False and the caller uses the model's attention.
-    """
-    if attention_mask is None:
-        return None
-    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 4:
-        return False
-    if attention_mask.shape[-1] != kv_len or attention_mask.shape[0] not in (1, batch) or attention_mask.shape[1] != 1:
-        return False
-    row = attention_mask[:, 0, -1, :]
-    keep = row if row.dtype == torch.bool else row == 0
-    return keep.expand(batch, kv_len)
+    def cached_decode_attention(self, q, k_caches, v_caches, kv_mask, kv_len, scale, last_pos=None):
+        """q [B, P*nh, D] over P caches [B, nkv, S, D] -> [B, P*nh, D] (split-KV kernel; the
+        splits read only the slots up to ``last_pos``)."""
+        if self.attention == "csrc":
+            return csrc_decode_attention(q, k_caches, v_caches, kv_mask, kv_len, scale, last_pos)
+        return _decode_attention(q, k_caches, v_caches, kv_mask, kv_len, scale, last_pos)
 
+    def prepare(self, device) -> None:
+        """The serial split-K arrival counters (and the compiled op), before any graph capture."""
+        device = torch.device(device)
+        if device.type == "cuda":
+            from ..ops._splitk import reserve_tile_counters
 
-def decode_attention(q, keys, values, attention_mask, sliding_window, scale):
-    """q [B, P*nh, 1, D], keys/values: P caches [B, nkv, S, D] -> [B, P*nh, D], or None to fall back."""
-    B, _, T, _ = q.shape
-    S = keys[0].shape[2]
-    if T != 1 or (sliding_window is not None and S > sliding_window):
-        return None  # the window is applied by transformers' mask/attention; keep it there
-    keep = kv_mask_from_hf(attention_mask, S, B)
-    if keep is False:
-        return None
-    return _decode_attention(q[:, :, 0], keys, values, keep, S, scale)
+            reserve_tile_counters(device)
+        if self.attention == "csrc":
+            prepare_csrc(device)

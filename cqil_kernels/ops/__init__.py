@@ -2,14 +2,16 @@
 
 Every public op dispatches at call time: the Triton kernel when the tensors are on CUDA, or on
 the CPU when ``TRITON_INTERPRET=1`` (set before this package was imported); the torch reference
-otherwise. Each op is also registered as a ``torch.ops.cqil.<name>`` custom op with a fake
-implementation, so ``torch.compile(fullgraph=True)`` and CUDA-graph capture see one opaque node.
+otherwise, and for GEMMs of more than ``LaunchConfig.prefill_m`` rows on a GPU (cuBLAS). Launch
+decisions (tiles, split-K, ...) are read from ``cqil_kernels.launch_config`` when an op launches.
+Each op is also registered as a ``torch.ops.cqil.<name>`` custom op with a fake implementation,
+so ``torch.compile(fullgraph=True)`` and CUDA-graph capture see one opaque node.
 
 Importing this package imports Triton when it is installed (the kernels are defined at module
 level, beside their references); ``import cqil_kernels`` alone does not import it.
 """
 
-from ._common import triton_usable
+from ._triton import triton_usable
 from .batched_gemm import batched_gemm, batched_gemm_reference
 from .decode_attention import decode_attention, decode_attention_reference
 from .down_sum import down_sum, down_sum_reference

@@ -11,10 +11,10 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from ._common import (
-    cdiv, check_out, dot_flags, finish_out, gemm_blocks, kernel_out, dot_acc, last_to_arrive, pick_split_k,
-    serial_split, splitk_reduce, sum_splits, tile_counters, tl, triton, use_triton, workspace,
-)
+from ..launch_config import launch_config_for
+from ._buffers import check_out, finish_out, kernel_out, workspace
+from ._splitk import last_to_arrive, pick_split_k, serial_split, splitk_reduce, sum_splits, tile_counters
+from ._triton import cdiv, dot_acc, dot_flags, tl, triton, use_triton
 from ._tables import as_op_list, check_same_layout, from_op_list, weight_table
 
 
@@ -109,15 +109,16 @@ def batched_gemm_triton(x, weights, biases=None, *, out=None, split_k=None):
     P, M, K, N = _check(x, weights, biases)
     out = check_out(out, (P, M, N), x)
     kout = kernel_out(out)
-    cfg = gemm_blocks(M, x)
-    BM, BN, BK = cfg["BM"], cfg["BN"], cfg["BK"]
+    cfg = launch_config_for(x.device)
+    tile = cfg.gemm_tile("batched_gemm", M, N, K, P)
+    BM, BN, BK = tile.BM, tile.BN, tile.BK
     mb, nb = cdiv(M, BM), cdiv(N, BN)
-    splits, per_split = pick_split_k(mb * nb * P, cdiv(K, BK), x, split_k)
+    splits, per_split = pick_split_k(mb * nb * P, cdiv(K, BK), x, tile.split_k if split_k is None else split_k, cfg)
     upcast, prec = dot_flags(weights[0].dtype, x)
     ws = workspace((splits, P * M, N), x) if splits > 1 else kout
     wt = weight_table(weights)
     bt = weight_table(biases) if biases is not None else None
-    serial = splits > 1 and serial_split()
+    serial = splits > 1 and serial_split(x)
     cnt = tile_counters(x, mb * nb * P) if serial else ws
     _batched_gemm_kernel[(mb, nb, P * splits)](
         x, wt.base, wt.offsets, bt.base if bt is not None else x, bt.offsets if bt is not None else wt.offsets,
@@ -125,7 +126,7 @@ def batched_gemm_triton(x, weights, biases=None, *, out=None, split_k=None):
         M, N, K, splits, per_split * BK, P * M * N,
         *x.stride(), *weights[0].stride(), *kout.stride(),
         HAS_BIAS=biases is not None, SPLIT=splits > 1, SERIAL=serial, ALIGNED=wt.aligned, UPCAST=upcast,
-        DOT_PREC=prec, BM=BM, BN=BN, BK=BK, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        DOT_PREC=prec, BM=BM, BN=BN, BK=BK, num_warps=tile.num_warps, num_stages=tile.num_stages,
     )
     if splits > 1 and not serial:
         if not kout.is_contiguous():
@@ -138,7 +139,7 @@ def batched_gemm_triton(x, weights, biases=None, *, out=None, split_k=None):
 @torch.library.custom_op("cqil::batched_gemm", mutates_args=())
 def _batched_gemm_op(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor]) -> torch.Tensor:
     biases = from_op_list(biases)
-    if use_triton(x):
+    if use_triton(x) and not launch_config_for(x.device).gemm_to_torch(x.device, x.shape[1]):
         return batched_gemm_triton(x, weights, biases)
     return batched_gemm_reference(x, weights, biases)
 

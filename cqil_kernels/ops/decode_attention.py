@@ -5,7 +5,7 @@ Step 4 of the group decomposition. One new token per sequence attends to each la
 (batch x layer x kv head, KV split); each program runs an online softmax over its slice of the
 cache for all query heads that share the kv head, and writes a normalised partial output plus its
 log-sum-exp; the last split to finish (an atomic arrival counter per program group, as in the
-GEMMs' serial split-K, ``_common.SPLITK_MODE``) combines them, so it stays one launch. In "kernel"
+GEMMs' serial split-K, ``LaunchConfig.splitk_mode``) combines them, so it stays one launch. In "kernel"
 mode a second small kernel combines instead. With a single split the kernel writes the output
 directly.
 
@@ -23,11 +23,10 @@ step costs the live length, not S.
 
 import torch
 
-from . import _common
-from ._common import (
-    cdiv, check_out, compute_dtype, finish_out, interpreted, kernel_out, last_to_arrive, next_pow2, serial_split,
-    sm_count, tile_counters, tl, triton, use_triton, workspace,
-)
+from ..launch_config import launch_config_for
+from ._buffers import check_out, compute_dtype, finish_out, kernel_out, workspace
+from ._splitk import last_to_arrive, serial_split, sm_count, tile_counters
+from ._triton import cdiv, interpreted, next_pow2, tl, triton, use_triton
 
 _LOG2E = 1.4426950408889634
 
@@ -81,7 +80,7 @@ def _combine_head(opart_ptr, lse_ptr, out_ptr, row, b, h, NSPLIT, D, stride_ob, 
     o = tl.load(opart_ptr + (row * NSPLIT + rs)[:, None] * D + rd[None, :],
                 mask=s_mask[:, None] & d_mask[None, :], other=0.0, cache_modifier=".cg")
     den = tl.sum(w, axis=0)
-    # an IEEE division, as torch's (sm_90 compiles "/" to the approximate div.full; _common.rsqrt_rn)
+    # an IEEE division, as torch's (sm_90 compiles "/" to the approximate div.full; _precise.rsqrt_rn)
     res = tl.div_rn(tl.sum(o * w[:, None], axis=0), tl.broadcast_to(tl.where(den > 0.0, den, 1.0), (BLOCK_D,)))
     tl.store(out_ptr + b * stride_ob + h * stride_oh + rd * stride_od, res.to(out_ptr.dtype.element_ty), mask=d_mask)
 
@@ -241,14 +240,16 @@ def decode_attention_triton(q, k_caches, v_caches, kv_mask, kv_len, scale, last_
     out = check_out(out, (B, HQ, D), q)
     kout = kernel_out(out)
     interp = interpreted(q)
-    BLOCK_N = 32 if interp and _common.SM_COUNT_OVERRIDE is None else 64
+    cfg = launch_config_for(q.device)
+    BLOCK_N = cfg.attention.block_n
     BLOCK_D = max(16, next_pow2(D))
     BLOCK_G = max(16, next_pow2(GROUP))
     n_blocks = max(1, cdiv(kv_len, BLOCK_N))
     programs = B * P * NKV
     if num_splits is None:
         # enough programs for ~2 per SM; never more splits than KV blocks
-        num_splits = max(1, min(cdiv(2 * sm_count(q), programs), 64))
+        num_splits = cfg.attention.num_splits or max(1, min(cdiv(cfg.programs_per_sm * sm_count(q), programs),
+                                                             cfg.max_kv_splits))
     num_splits = max(1, min(int(num_splits), n_blocks))
     chunk = cdiv(n_blocks, num_splits) * BLOCK_N
     num_splits = max(1, cdiv(kv_len, chunk))
@@ -262,7 +263,7 @@ def decode_attention_triton(q, k_caches, v_caches, kv_mask, kv_len, scale, last_
         opart = workspace((B * HQ, num_splits, D), q)
         lse = workspace((B * HQ, num_splits), q)
     mask = kv_mask.view(torch.uint8) if kv_mask is not None else q
-    serial = not direct and serial_split()
+    serial = not direct and serial_split(q)
     cnt = tile_counters(q, programs) if serial else kout
     block_s = max(2, next_pow2(num_splits))
     _decode_attn_kernel[(programs, num_splits)](
@@ -272,7 +273,8 @@ def decode_attention_triton(q, k_caches, v_caches, kv_mask, kv_len, scale, last_
         *(mask.stride() if kv_mask is not None else (0, 0)), *kout.stride(),
         HAS_MASK=kv_mask is not None, HAS_LAST=last_pos is not None, DIRECT=direct, SERIAL=serial, UPCAST=upcast,
         DOT_PREC="ieee" if upcast or q.dtype == torch.float32 else "tf32",
-        BLOCK_G=BLOCK_G, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_S=block_s, num_warps=4, num_stages=2,
+        BLOCK_G=BLOCK_G, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_S=block_s,
+        num_warps=cfg.attention.num_warps, num_stages=cfg.attention.num_stages,
     )
     if not direct and not serial:
         _decode_combine_kernel[(B * HQ,)](

@@ -15,10 +15,10 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from ._common import (
-    cdiv, check_out, dot_flags, finish_out, gemm_blocks, kernel_out, dot_acc, last_to_arrive, pick_split_k,
-    serial_split, splitk_reduce, sum_splits, tile_counters, tl, triton, use_triton, workspace,
-)
+from ..launch_config import launch_config_for
+from ._buffers import check_out, finish_out, kernel_out, workspace
+from ._splitk import last_to_arrive, pick_split_k, serial_split, splitk_reduce, sum_splits, tile_counters
+from ._triton import cdiv, dot_acc, dot_flags, tl, triton, use_triton
 from ._tables import check_same_layout, weight_table
 
 
@@ -131,18 +131,19 @@ def down_sum_triton(m, weights, residual, attn=None, *, out=None, split_k=None):
     like = residual if residual is not None else m
     out = check_out(out, (M, H), like)
     kout = kernel_out(out)
-    cfg = gemm_blocks(M, m)
-    BM, BN, BK = cfg["BM"], cfg["BN"], cfg["BK"]
+    cfg = launch_config_for(m.device)
+    tile = cfg.gemm_tile("down_sum", M, H, I, P)
+    BM, BN, BK = tile.BM, tile.BN, tile.BK
     mb, nb = cdiv(M, BM), cdiv(H, BN)
     kb_layer = cdiv(I, BK)
-    splits, per_split = pick_split_k(mb * nb, P * kb_layer, m, split_k)
+    splits, per_split = pick_split_k(mb * nb, P * kb_layer, m, tile.split_k if split_k is None else split_k, cfg)
     upcast, prec = dot_flags(weights[0].dtype, m)
     ws = workspace((splits, M, H), m) if splits > 1 else kout
     wt = weight_table(weights)
     has_res = residual is not None
     r = residual if has_res else kout
     a = attn if attn is not None else r
-    serial = splits > 1 and serial_split()
+    serial = splits > 1 and serial_split(m)
     cnt = tile_counters(m, mb * nb) if serial else ws
     _down_sum_kernel[(mb, nb, splits)](
         m, wt.base, wt.offsets, r, a, kout, ws, cnt,
@@ -150,7 +151,7 @@ def down_sum_triton(m, weights, residual, attn=None, *, out=None, split_k=None):
         *m.stride(), *weights[0].stride(), *(r.stride() if has_res else (0, 0)),
         *(attn.stride() if attn is not None else (0, 0, 0)), *kout.stride(),
         HAS_RES=has_res, HAS_ATTN=attn is not None, SPLIT=splits > 1, SERIAL=serial, ALIGNED=wt.aligned,
-        UPCAST=upcast, DOT_PREC=prec, BM=BM, BN=BN, BK=BK, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        UPCAST=upcast, DOT_PREC=prec, BM=BM, BN=BN, BK=BK, num_warps=tile.num_warps, num_stages=tile.num_stages,
     )
     if splits > 1 and not serial:
         splitk_reduce(ws, kout, splits=splits, residual=residual, attn=attn)
@@ -160,7 +161,7 @@ def down_sum_triton(m, weights, residual, attn=None, *, out=None, split_k=None):
 @torch.library.custom_op("cqil::down_sum", mutates_args=())
 def _down_sum_op(m: torch.Tensor, weights: list[torch.Tensor], residual: torch.Tensor | None,
                  attn: torch.Tensor | None) -> torch.Tensor:
-    if use_triton(m):
+    if use_triton(m) and not launch_config_for(m.device).gemm_to_torch(m.device, m.shape[1]):
         return down_sum_triton(m, weights, residual, attn)
     return down_sum_reference(m, weights, residual, attn)
 

@@ -19,11 +19,11 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from ._common import (
-    cdiv, check_out, compute_dtype, dot_flags, finish_out, gemm_blocks, kernel_out, dot_acc, last_to_arrive,
-    pick_split_k, rsqrt_rn, serial_split, sigmoid_rn, splitk_reduce, sum_splits, tile_counters, tl, triton,
-    use_triton, workspace,
-)
+from ..launch_config import launch_config_for
+from ._buffers import check_out, compute_dtype, finish_out, kernel_out, workspace
+from ._precise import rsqrt_rn, sigmoid_rn
+from ._splitk import last_to_arrive, pick_split_k, serial_split, splitk_reduce, sum_splits, tile_counters
+from ._triton import cdiv, dot_acc, dot_flags, tl, triton, use_triton
 from ._tables import as_op_list, check_same_layout, from_op_list, weight_table
 
 
@@ -185,16 +185,14 @@ def gate_up_silu_triton(u, norm_weights, gate_weights, up_weights, eps, residual
     P, M, K, I = _check(u, norm_weights, gate_weights, up_weights, residual, bypass, context)
     out = check_out(out, (P, M, I), u)
     kout = kernel_out(out)
-    cfg = gemm_blocks(M, u)
-    BM, BN, BK = cfg["BM"], cfg["BN"], cfg["BK"]
-    # two fp32 accumulators and two weight tiles: halve the N tile of the large-M config, and the
-    # K tile of the decode config (ptxas at Llama-7B shapes, sm_90: BK = 128 needs 255 registers
-    # and spills with a bypass term; BK = 64 needs 128-142, no spills, 61-74 KB shared memory)
-    BN = min(BN, 64)
-    if M <= 16:
-        BK = min(BK, 64)
+    # two fp32 accumulators and two weight tiles: the heuristic table gives this op its own, smaller
+    # tiles (ptxas at Llama-7B shapes, sm_90: decode BK = 128 needs 255 registers and spills with a
+    # bypass term; BK = 64 needs 128-142, no spills, 61-74 KB shared memory)
+    cfg = launch_config_for(u.device)
+    tile = cfg.gemm_tile("gate_up_silu", M, I, K, P)
+    BM, BN, BK = tile.BM, tile.BN, tile.BK
     mb, nb = cdiv(M, BM), cdiv(I, BN)
-    splits, per_split = pick_split_k(mb * nb * P, cdiv(K, BK), u, split_k)
+    splits, per_split = pick_split_k(mb * nb * P, cdiv(K, BK), u, tile.split_k if split_k is None else split_k, cfg)
     upcast, prec = dot_flags(gate_weights[0].dtype, u)
     has_norm = norm_weights is not None
     if splits > 1:
@@ -205,7 +203,7 @@ def gate_up_silu_triton(u, norm_weights, gate_weights, up_weights, eps, residual
     wt = weight_table(list(gate_weights) + list(up_weights))
     nwt = weight_table(norm_weights) if has_norm else None
     has_res = residual is not None
-    serial = splits > 1 and serial_split()
+    serial = splits > 1 and serial_split(u)
     cnt = tile_counters(u, mb * nb * P) if serial else ws
     _gate_up_kernel[(mb, nb, P * splits)](
         u, residual if has_res else u, nwt.base if has_norm else u, nwt.offsets if has_norm else wt.offsets,
@@ -214,7 +212,7 @@ def gate_up_silu_triton(u, norm_weights, gate_weights, up_weights, eps, residual
         *u.stride(), *(residual.stride() if has_res else (0, 0)), *gate_weights[0].stride(), *kout.stride(),
         BYPASS=int(bypass), HAS_NORM=has_norm, HAS_RES=has_res, SPLIT=splits > 1, SERIAL=serial,
         ALIGNED=wt.aligned, UPCAST=upcast, DOT_PREC=prec,
-        BM=BM, BN=BN, BK=BK, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        BM=BM, BN=BN, BK=BK, num_warps=tile.num_warps, num_stages=tile.num_stages,
     )
     if splits > 1 and not serial:
         if not kout.is_contiguous():
@@ -229,7 +227,7 @@ def _gate_up_silu_op(u: torch.Tensor, norm_weights: list[torch.Tensor], gate_wei
                      up_weights: list[torch.Tensor], eps: float, residual: torch.Tensor | None = None,
                      bypass: int = 0, context: int = 0) -> torch.Tensor:
     norm_weights = from_op_list(norm_weights)
-    if use_triton(u):
+    if use_triton(u) and not launch_config_for(u.device).gemm_to_torch(u.device, u.shape[1]):
         return gate_up_silu_triton(u, norm_weights, gate_weights, up_weights, eps, residual, bypass, context)
     return gate_up_silu_reference(u, norm_weights, gate_weights, up_weights, eps, residual, bypass, context)
 

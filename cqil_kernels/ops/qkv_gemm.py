@@ -18,10 +18,11 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from ._common import (
-    cdiv, check_out, compute_dtype, dot_flags, finish_out, gemm_blocks, kernel_out, dot_acc, last_to_arrive, pick_split_k,
-    rsqrt_rn, serial_split, splitk_reduce, sum_splits, tile_counters, tl, triton, use_triton, workspace,
-)
+from ..launch_config import launch_config_for
+from ._buffers import check_out, compute_dtype, finish_out, kernel_out, workspace
+from ._precise import rsqrt_rn
+from ._splitk import last_to_arrive, pick_split_k, serial_split, splitk_reduce, sum_splits, tile_counters
+from ._triton import cdiv, dot_acc, dot_flags, tl, triton, use_triton
 from ._tables import as_op_list, check_same_layout, from_op_list, weight_table
 
 MAX_PARTS = 3  # q, k, v
@@ -168,7 +169,7 @@ def qkv_gemm_launch(x, norm_weights, weights, biases, eps, dest, split_k=None, s
     """Launch the GEMM kernel only. Returns ``(splits, ws, ss)``.
 
     With one split, or with ``serial`` (the last program of each tile finishes it, see
-    ``_common.SPLITK_MODE``), the kernel writes the finished result (rstd and bias applied) into
+    ``LaunchConfig.splitk_mode``), the kernel writes the finished result (rstd and bias applied) into
     ``dest`` ([M, P*N], any float dtype). Otherwise ``ws`` holds the fp32 partial dots
     [splits, M, P*N] and ``ss`` the partial sums of squares [splits, n_blocks, M] (None without a
     norm; every n-block holds the same sums), and the caller's epilogue (``splitk_reduce``, or a
@@ -179,14 +180,15 @@ def qkv_gemm_launch(x, norm_weights, weights, biases, eps, dest, split_k=None, s
     if x.shape[1] != K:
         raise ValueError(f"x {tuple(x.shape)} does not match weights of H = {K}")
     PN = P * N
-    cfg = gemm_blocks(M, x)  # also readies the interpreter on CPU
-    BM, BN, BK = cfg["BM"], cfg["BN"], cfg["BK"]
+    cfg = launch_config_for(x.device)
+    tile = cfg.gemm_tile("qkv_gemm", M, N, K, P)
+    BM, BN, BK = tile.BM, tile.BN, tile.BK
     nbs = [cdiv(n, BN) for n in sizes] + [0] * (MAX_PARTS - G)
     n3 = sizes + [0] * (MAX_PARTS - G)
     nbl = sum(nbs)
     mb = cdiv(M, BM)
-    splits, per_split = pick_split_k(mb * nbl * P, cdiv(K, BK), x, split_k)
-    upcast, prec = dot_flags(weights[0].dtype, x)
+    splits, per_split = pick_split_k(mb * nbl * P, cdiv(K, BK), x, tile.split_k if split_k is None else split_k, cfg)
+    upcast, prec = dot_flags(weights[0].dtype, x)  # also readies the interpreter on CPU
     has_norm = norm_weights is not None
     if splits > 1:
         ws = workspace((splits, M, PN), x)
@@ -206,7 +208,7 @@ def qkv_gemm_launch(x, norm_weights, weights, biases, eps, dest, split_k=None, s
         *x.stride(), *weights[0].stride(), *dest.stride(),
         HAS_NORM=has_norm, HAS_BIAS=biases is not None, SPLIT=splits > 1, SERIAL=serial, ALIGNED=wt.aligned,
         UPCAST=upcast, DOT_PREC=prec, BM=BM, BN=BN, BK=BK,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        num_warps=tile.num_warps, num_stages=tile.num_stages,
     )
     return splits, ws, ss
 
@@ -219,7 +221,7 @@ def qkv_gemm_triton(x, norm_weights, weights, biases, eps, *, out=None, split_k=
     PN = P * N
     out = check_out(out, (M, PN), x)
     kout = kernel_out(out)
-    serial = serial_split()
+    serial = serial_split(x)
     splits, ws, ss = qkv_gemm_launch(x, norm_weights, weights, biases, eps, kout, split_k, serial)
     if splits > 1 and not serial:
         # the separate-reduction mode adds the bias from one concatenated row (a tiny copy; the
@@ -234,7 +236,7 @@ def qkv_gemm_triton(x, norm_weights, weights, biases, eps, *, out=None, split_k=
 def _qkv_gemm_op(x: torch.Tensor, norm_weights: list[torch.Tensor], weights: list[torch.Tensor],
                  biases: list[torch.Tensor], eps: float) -> torch.Tensor:
     norm_weights, biases = from_op_list(norm_weights), from_op_list(biases)
-    if use_triton(x):
+    if use_triton(x) and not launch_config_for(x.device).gemm_to_torch(x.device, x.shape[0]):
         return qkv_gemm_triton(x, norm_weights, weights, biases, eps)
     return qkv_gemm_reference(x, norm_weights, weights, biases, eps)
 

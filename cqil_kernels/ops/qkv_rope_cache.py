@@ -19,7 +19,10 @@ from collections.abc import Sequence
 
 import torch
 
-from ._common import compute_dtype, interpreted, next_pow2, rsqrt_rn, sum_splits, tl, triton, use_triton, workspace
+from ._buffers import compute_dtype, workspace
+from ._precise import rsqrt_rn
+from ._splitk import sum_splits
+from ._triton import interpreted, next_pow2, tl, triton, use_triton
 from ._tables import as_op_list, check_same_layout, from_op_list, weight_table
 from .qkv_gemm import qkv_gemm_launch, qkv_gemm_reference, qkv_layout
 
