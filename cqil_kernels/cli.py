@@ -89,13 +89,17 @@ def _prompt(text: str) -> str:
     return text
 
 
-def _common(parser: argparse.ArgumentParser, seq_len: int = 1024, max_windows: int | None = None) -> None:
-    g = parser.add_argument_group("model and text")
+def _model_args(g) -> None:
     g.add_argument("--model", default=None, help="'smollm2' (default: embedded SmolLM2-135M-Instruct GGUF), "
                    "a local HuggingFace directory, or a .gguf file; never downloaded")
     g.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
     g.add_argument("--device", default="cpu", help="torch device (default cpu)")
     g.add_argument("--backend", default="auto", choices=BACKENDS, help="CQIL backend for converted groups (default auto)")
+
+
+def _common(parser: argparse.ArgumentParser, seq_len: int = 1024, max_windows: int | None = None) -> None:
+    g = parser.add_argument_group("model and text")
+    _model_args(g)
     g.add_argument("--seq-len", type=_int_at_least(2, "an integer >= 2"), default=seq_len,
                    help=f"tokens per window (default {seq_len})")
     g.add_argument("--stride", type=_positive_int, default=None,
@@ -315,6 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_distill)
 
     _add_tune_parser(sub)
+    _add_bench_parser(sub)
     return parser
 
 
@@ -1052,6 +1057,109 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
+def _latency_args(parser: argparse.ArgumentParser):
+    """The options of a latency measurement (``cqil_kernels.latency``), shared by tune and bench."""
+    g = parser.add_argument_group("latency (measured on --device)")
+    g.add_argument("--batch-sizes", type=_int_list, default=[1], help="decode batch sizes (default 1; the first ranks)")
+    g.add_argument("--context-lengths", type=_int_list, default=[128],
+                   help="decode context (cache) lengths (default 128; the first ranks)")
+    g.add_argument("--prompt-len", type=_positive_int, default=128, help="prefill prompt length (default 128)")
+    g.add_argument("--decode-steps", type=_positive_int, default=16, help="decode steps per repeat (default 16)")
+    g.add_argument("--repeats", type=_positive_int, default=5, help="timed repeats after a warm-up (default 5)")
+    g.add_argument("--launch-config", default=None, help="launch-config JSON the engine runs under "
+                   "(default: the device's tuned file in the package, else the heuristics)")
+    return g
+
+
+def _latency_settings(args):
+    from .latency import LatencySettings
+
+    return LatencySettings(tuple(args.batch_sizes), tuple(args.context_lengths), args.prompt_len, args.decode_steps,
+                           args.repeats, backend=args.backend, launch_config=args.launch_config).check()
+
+
+# ------------------------------------------------------------------------------------ bench
+def _add_bench_parser(sub) -> None:
+    p = sub.add_parser(
+        "bench", help="decode ms/token and prefill ms of a plan on this device (torchrun: split over W ranks)",
+        description="Time the model converted to --plan through DecodeEngine on --device (CUDA graph on a GPU, "
+        "eager on the CPU): decode ms per step at every --batch-sizes x --context-lengths and prefill ms of "
+        "--prompt-len tokens, after an untimed warm-up repeat. Unless --no-compare, the model without groups is "
+        "timed first, on one device (under torchrun: every rank alone, before the split), and the table gives "
+        "the speed-up. Under torchrun each rank computes its share of every group; rank 0 prints (its clock) "
+        "and writes --out.")
+    g = p.add_argument_group("model")
+    _model_args(g)
+    g.add_argument("--no-progress", action="store_true", help="no progress bars (model loading included)")
+    g.add_argument("--traceback", action="store_true", help="show the full traceback of errors")
+    p.add_argument("--plan", default=None, help="plan JSON (default: none, the model without groups only)")
+    p.add_argument("--no-compare", action="store_true", help="do not also time the model without groups")
+    p.add_argument("--out", default=None, help="write the times (every repeat) as JSON here")
+    _latency_args(p)
+    _torchrun_args(p)
+    p.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args) -> int:
+    from .conversion import convert
+    from .latency import measure_engine
+    from .report import format_table
+    from .tuning import device_label
+
+    _check_model_args(args)
+    plan = _read_plan_file(args.plan)
+    _check_out_file(args.out, "--out")
+    settings = _latency_settings(args)
+    ctx = getattr(args, "dist", None)
+    if ctx is not None and plan is None:
+        raise CLIError(f"under torchrun ({ctx.world_size} ranks) bench needs a --plan to split over the ranks")
+    model, _ = _load(args)
+    n = _num_layers(model)
+    _check_plan_fits(plan, args.plan, n)
+    results, placement = {}, None
+    if plan is None or not args.no_compare:
+        results["no groups"] = measure_engine(model, settings)  # one device: before any split
+    if plan is not None:
+        if ctx is not None:
+            placement = _convert_split(model, plan, args, ctx)
+        else:
+            convert(model, plan, backend=args.backend)
+        results["plan"] = measure_engine(model, settings, process_group=ctx.group if ctx is not None else None)
+    world = ctx.world_size if ctx is not None else 1
+    first = next(iter(results.values()))
+    label = device_label(args.device, first.get("cuda_graph"), first.get("backend"))
+    rows = []
+    base = results.get("no groups")
+    for name, r in results.items():
+        steps = n if name == "no groups" else plan.num_sequential_steps(n)
+        where = "1 device" if name == "no groups" or world == 1 else f"{world} ranks"
+        for key, st in r["decode"].items():
+            speedup = base["decode"][key]["median_ms"] / st["median_ms"] if base is not None and name != "no groups" \
+                else None
+            rows.append([name, steps, where, f"decode {key}", st["median_ms"], f"{st['min_ms']:.3f}-{st['max_ms']:.3f}",
+                         speedup])
+        for key, st in r["prefill"].items():
+            speedup = base["prefill"][key]["median_ms"] / st["median_ms"] if base is not None and name != "no groups" \
+                else None
+            rows.append([name, steps, where, f"prefill {key}", st["median_ms"], f"{st['min_ms']:.3f}-{st['max_ms']:.3f}",
+                         speedup])
+    print(f"latency on {label}" + (f"; rank 0's clock of {world}" if world > 1 else ""))
+    if plan is not None:
+        print(f"plan: {_groups_str(plan.groups)}, bypass {plan.bypass}")
+    print(format_table(["model", "seq. steps", "on", "what", "median ms", "min-max ms", "speed-up"], rows))
+    if args.out and (ctx is None or ctx.is_main):
+        from .report import environment, write_json
+
+        write_json({"plan": plan.to_dict() if plan else None, "world_size": world, "placement": placement,
+                    "device": label, "settings": {"batch_sizes": list(settings.batch_sizes),
+                                                  "context_lengths": list(settings.context_lengths),
+                                                  "prompt_len": settings.prompt_len,
+                                                  "decode_steps": settings.decode_steps, "repeats": settings.repeats},
+                    "results": results, "environment": environment(args.device)}, args.out)
+        print(f"wrote {args.out}")
+    return 0
+
+
 def _add_tune_parser(sub) -> None:
     p = sub.add_parser(
         "tune", help="measure candidate plans for latency here and quality on text; recommend one",
@@ -1074,15 +1182,7 @@ def _add_tune_parser(sub) -> None:
     g.add_argument("--bypass", type=int, default=0, help="bypass distance d of searched plans (default 0)")
     g.add_argument("--beam", type=_positive_int, default=4, help="search: candidates measured per step (default 4)")
     g.add_argument("--seed", type=int, default=0, help="search tie-break seed (default 0)")
-    g = p.add_argument_group("latency (measured on --device)")
-    g.add_argument("--batch-sizes", type=_int_list, default=[1], help="decode batch sizes (default 1; the first ranks)")
-    g.add_argument("--context-lengths", type=_int_list, default=[128],
-                   help="decode context (cache) lengths (default 128; the first ranks)")
-    g.add_argument("--prompt-len", type=_positive_int, default=128, help="prefill prompt length (default 128)")
-    g.add_argument("--decode-steps", type=_positive_int, default=16, help="decode steps per repeat (default 16)")
-    g.add_argument("--repeats", type=_positive_int, default=5, help="timed repeats after a warm-up (default 5)")
-    g.add_argument("--launch-config", default=None, help="launch-config JSON the engine runs under "
-                   "(default: the device's tuned file in the package, else the heuristics)")
+    g = _latency_args(p)
     g.add_argument("--world-size", type=int, default=None,
                    help="add the MODELED step on W devices (cqil_kernels.distributed.latency_model)")
     g.add_argument("--allreduce-us", type=_nonneg_float, default=20.0,

@@ -95,3 +95,32 @@ def test_half_set_launcher_environment_is_one_clear_error(monkeypatch, capsys):
     assert main(["generate", "--max-new-tokens", "1"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "incomplete launcher environment" in err
+
+
+def test_bench_one_process_and_torchrun(tiny):
+    """bench times the model without groups (one device) and the plan; under torchrun the plan is
+    split over the ranks and rank 0 writes the JSON. Times are checked for presence, not speed."""
+    opts = ["--model", tiny / "model", "--plan", tiny / "plan.json", "--context-lengths", "12", "--prompt-len", "6",
+            "--decode-steps", "2", "--repeats", "2", "--no-progress"]
+    one, two = tiny / "bench1.json", tiny / "bench2.json"
+    assert main(["bench", *map(str, opts), "--out", str(one)]) == 0
+    r = _torchrun("bench", *opts, "--out", two, "--dist-timeout", "60")
+    assert r.returncode == 0, r.stderr[-3000:]
+    for path, world in ((one, 1), (two, 2)):
+        d = json.loads(path.read_text())
+        assert d["world_size"] == world and set(d["results"]) == {"no groups", "plan"}
+        for res in d["results"].values():
+            assert set(res["decode"]) == {"B1 ctx12"} and set(res["prefill"]) == {"B1 T6"}
+            st = res["decode"]["B1 ctx12"]
+            assert st["repeats"] == 2 and len(st["all_ms"]) == 2 and st["min_ms"] <= st["median_ms"] <= st["max_ms"]
+    assert json.loads(two.read_text())["placement"]["ranks"][1]["group_layers"] == [[2], [5, 6]]
+    assert r.stdout.count("speed-up") == 1  # rank 0 alone prints
+
+
+def test_bench_errors_are_one_line(tiny, capsys):
+    with pytest.raises(SystemExit) as e:  # a parser error
+        main(["bench", "--model", str(tiny / "model"), "--batch-sizes", "0"])
+    assert e.value.code == 2
+    assert main(["bench", "--model", str(tiny / "model"), "--plan", "/no/such/plan.json"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "--batch-sizes" in err[0] and "plan file not found" in err[1]
