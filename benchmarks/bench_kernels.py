@@ -519,11 +519,13 @@ def run(models, Ms, Ps, device, quick, emit=print, ops=None, ceiling=None, hot=F
     # the public ops would hand prefill-sized GEMMs to cuBLAS (LaunchConfig.prefill_m): here the
     # kernels are timed at every size, cuBLAS through the references beside them
     with use_launch_config(prefill_m=None):
-        _run_models(models, Ms, Ps, device, dtype, meta, timer, rows)
+        _run_models(models, Ms, Ps, device, dtype, meta, timer, rows, ops, hot, l2, read_gbps, copy_gbps, emit)
     return rows
 
 
-def _run_models(models, Ms, Ps, device, dtype, meta, timer, rows):
+def _run_models(models, Ms, Ps, device, dtype, meta, timer, rows, ops, hot, l2, read_gbps, copy_gbps, emit):
+    import torch
+
     for model, cfg in models.items():
         for case in cases(model, cfg, Ms, Ps, dtype, device, ops):
             base = dict(meta, model=model, op=case.op, M=case.M, P=case.P, bytes=case.nbytes)

@@ -1222,9 +1222,14 @@ def cmd_tune(args) -> int:
         raise CLIError(f"--world-size must be >= 2 (the modeled devices), got {args.world_size}")
     if args.launch_config is not None and not Path(args.launch_config).is_file():
         raise CLIError(f"launch config not found: {args.launch_config}")
+    _check_model_args(args)
+    _check_text_file(args.text, "calibration text")
+    files = [(path, _read_plan_file(path)) for path in args.plans]
     model, tok = _load(args)
     n = _num_layers(model)
-    plans = [Candidate(f"file {Path(path).stem}", _read_plan(path, n), f"file {path}") for path in args.plans]
+    for path, plan in files:
+        _check_plan_fits(plan, path, n)
+    plans = [Candidate(f"file {Path(path).stem}", plan, f"file {path}") for path, plan in files]
     exclude = _resolve_layers(args.exclude, n)
     windows = _windows(args, tok, args.text, "calib", args.max_windows)
     t0 = time.perf_counter()

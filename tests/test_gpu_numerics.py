@@ -50,15 +50,15 @@ def _record_kernels():
     kb = e(2, 1, 3, 2112, 64)
     x, g = e(1, 576), [e(576) for _ in range(2)]
     qkv = [w for _ in range(2) for w in (e(9 * 64, 576), e(3 * 64, 576), e(3 * 64, 576))]
-    for mode in ("serial", "kernel"):
+    for mode in ("serial", "kernel"):  # the serial finish's epilogues, and the reduction kernel's
         with use_launch_config(splitk_mode=mode):
-            decode_attention_triton(e(1, 18, 64), list(kb.unbind(0)), list(kb.unbind(0)), torch.ones(1, 2112, dtype=torch.bool),
-                                    2112, 0.125, torch.tensor([300]))
-    for split in (4, 1):
-        qkv_gemm_triton(x, g[:1], [e(49152, 576)], None, 1e-6, split_k=split)
-        gate_up_silu_triton(e(2, 1, 576), g, [e(1536, 576) for _ in range(2)], [e(1536, 576) for _ in range(2)],
-                            1e-6, x, 0, split_k=split)
-    down_sum_triton(e(2, 1, 1536), [e(576, 1536) for _ in range(2)], x, e(2, 1, 576), split_k=4)
+            decode_attention_triton(e(1, 18, 64), list(kb.unbind(0)), list(kb.unbind(0)),
+                                    torch.ones(1, 2112, dtype=torch.bool), 2112, 0.125, torch.tensor([300]))
+            for split in (4, 1):
+                qkv_gemm_triton(x, g[:1], [e(49152, 576)], None, 1e-6, split_k=split)
+                gate_up_silu_triton(e(2, 1, 576), g, [e(1536, 576) for _ in range(2)],
+                                    [e(1536, 576) for _ in range(2)], 1e-6, x, 0, split_k=split)
+            down_sum_triton(e(2, 1, 1536), [e(576, 1536) for _ in range(2)], x, e(2, 1, 576), split_k=4)
     qkv_rope_cache_triton(x, g, qkv, None, 1e-6, e(1, 64), e(1, 64), [e(64) for _ in range(2)],
                           [e(64) for _ in range(2)], 1e-6, e(2, 1, 3, 64, 64), e(2, 1, 3, 64, 64), 0,
                           torch.zeros(1, dtype=torch.long), 1, 9)
