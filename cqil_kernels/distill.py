@@ -38,7 +38,7 @@ from __future__ import annotations
 import math
 import numbers
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -186,7 +186,7 @@ def _check_windows(name: str, windows, vocab_size: int, allow_none: bool = False
 
 def _check_arguments(model, windows, eval_windows, *, rank, alpha, target, steps, lr, batch_size, temperature,
                      weight_decay, schedule, warmup, max_grad_norm, seed, teacher, teacher_cache_bytes,
-                     reuse_prefix, max_seconds, merge, eval_batch_size, progress):
+                     reuse_prefix, max_seconds, merge, eval_batch_size, progress, checkpointing=False):
     """Every check of ``distill``, before anything changes; returns the model's plan."""
     from .conversion import get_plan
 
@@ -219,7 +219,8 @@ def _check_arguments(model, windows, eval_windows, *, rank, alpha, target, steps
                                  ("schedule", schedule, ("cosine", "linear", "constant"))):
         if value not in choices:
             raise ValueError(f"{name} must be one of {', '.join(repr(c) for c in choices)}, got {value!r}")
-    for name, value in (("reuse_prefix", reuse_prefix), ("merge", merge), ("progress", progress)):
+    for name, value in (("reuse_prefix", reuse_prefix), ("merge", merge), ("progress", progress),
+                        ("checkpointing", checkpointing)):
         if not isinstance(value, bool):
             raise TypeError(f"{name} must be True or False, got {value!r}")
     return plan
@@ -337,6 +338,32 @@ def _chunked_kl_backward(head, student_h: torch.Tensor, teacher_h: torch.Tensor,
     return total
 
 
+@contextmanager
+def checkpointed_layers(layers):
+    """Within the block, each decoder layer of ``layers`` runs under non-reentrant activation
+    checkpointing when gradients are being recorded (its activations are recomputed in the
+    backward instead of kept). Version-independent: an instance ``forward`` that calls the
+    layer's own through ``torch.utils.checkpoint``; removed on exit."""
+    from torch.utils.checkpoint import checkpoint
+
+    patched = []
+    try:
+        for layer in layers:
+            own = type(layer).forward
+
+            def forward(*args, _layer=layer, _own=own, **kwargs):
+                if not torch.is_grad_enabled():
+                    return _own(_layer, *args, **kwargs)
+                return checkpoint(_own, _layer, *args, use_reentrant=False, **kwargs)
+
+            layer.forward = forward
+            patched.append(layer)
+        yield
+    finally:
+        for layer in patched:
+            del layer.forward
+
+
 def _batches_forever(num_windows: int, batch_size: int, seed: int):
     """Window indices, ``batch_size`` at a time, epochs reshuffled by ``seed`` (deterministic)."""
     gen = torch.Generator().manual_seed(seed)
@@ -349,7 +376,8 @@ def _batches_forever(num_windows: int, batch_size: int, seed: int):
 
 
 def _train(pm, head, windows, pre: _Precomputed, res: DistillResult, *, steps, lr, weight_decay, schedule, warmup,
-           max_grad_norm, seed, batch_size, temperature, max_seconds, backend, device, progress) -> list:
+           max_grad_norm, seed, batch_size, temperature, max_seconds, backend, device, progress,
+           checkpointing=False) -> list:
     """The optimisation loop on the PeftModel ``pm``; fills ``res.losses``/``steps``/``tokens_seen``."""
     from tqdm.auto import tqdm
 
@@ -372,7 +400,10 @@ def _train(pm, head, windows, pre: _Precomputed, res: DistillResult, *, steps, l
     bar = tqdm(total=steps, desc="distill", unit="step", disable=not progress, leave=False)
     t_train, c_train = time.perf_counter(), time.process_time()
     step = 0
+    stack = ExitStack()
     try:
+        if checkpointing:
+            stack.enter_context(checkpointed_layers(inner_layers))
         while step < total[0]:
             idx = next(batches)
             ids = windows.input_ids[idx].to(device)
@@ -415,6 +446,7 @@ def _train(pm, head, windows, pre: _Precomputed, res: DistillResult, *, steps, l
                     total[0] = fit
                     bar.total = fit
     finally:
+        stack.close()
         bar.close()
     res.train_seconds = time.perf_counter() - t_train
     res.train_cpu_seconds = time.process_time() - c_train
@@ -443,6 +475,7 @@ def distill(
     teacher: str = "auto",
     teacher_cache_bytes: float = 6e9,
     reuse_prefix: bool = True,
+    checkpointing: bool = False,
     max_seconds: float | None = None,
     merge: bool = True,
     eval_windows=None,
@@ -466,6 +499,11 @@ def distill(
         teacher: "cache", "online" or "auto" (see the module docstring).
         teacher_cache_bytes: largest teacher cache "auto" accepts (W * T * H * 4 bytes).
         reuse_prefix: run the frozen layers below the first adapted layer once per window.
+        checkpointing: activation checkpointing of every decoder layer in the training forward
+            (``torch.utils.checkpoint``, non-reentrant): the backward recomputes each layer's
+            activations instead of keeping all of them, so memory holds about one layer's
+            activations instead of every layer's, for about one more forward per step. Same
+            gradients (the forward is deterministic: no dropout).
         max_seconds: optional training time budget (default None: exactly ``steps`` steps); after
             2 steps the step count is lowered to fit it (the schedule still decays to 0 at the new
             end), so the result then depends on the machine's speed.
@@ -498,7 +536,7 @@ def distill(
         batch_size=batch_size, temperature=temperature, weight_decay=weight_decay, schedule=schedule, warmup=warmup,
         max_grad_norm=max_grad_norm, seed=seed, teacher=teacher, teacher_cache_bytes=teacher_cache_bytes,
         reuse_prefix=reuse_prefix, max_seconds=max_seconds, merge=merge, eval_batch_size=eval_batch_size,
-        progress=progress,
+        progress=progress, checkpointing=checkpointing,
     )
     import peft
 
@@ -520,7 +558,7 @@ def distill(
         settings=dict(rank=rank, alpha=alpha, target=target, steps=steps, lr=lr, batch_size=batch_size,
                       temperature=temperature, weight_decay=weight_decay, schedule=schedule, warmup=warmup,
                       max_grad_norm=max_grad_norm, seed=seed, windows=W, seq_len=T, adapted_layers=adapted,
-                      max_seconds=max_seconds),
+                      max_seconds=max_seconds, checkpointing=checkpointing),
         merged=merge,
     )
     pm = None
@@ -557,7 +595,7 @@ def distill(
         params = _train(pm, head, windows, pre, res, steps=steps, lr=lr, weight_decay=weight_decay, schedule=schedule,
                         warmup=warmup, max_grad_norm=max_grad_norm, seed=seed, batch_size=batch_size,
                         temperature=temperature, max_seconds=max_seconds, backend=backend, device=device,
-                        progress=progress)
+                        progress=progress, checkpointing=checkpointing)
         del pre
         for p in params:
             p.requires_grad_(False)  # inference from here on

@@ -232,3 +232,34 @@ def test_chunked_loss_gives_the_gradient_of_the_whole_batch():
     ref.backward()
     assert loss == pytest.approx(float(ref), rel=1e-5)
     torch.testing.assert_close(got, x.grad, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("target", ["grouped", "all"])
+def test_activation_checkpointing_trains_the_same_adapters(target, monkeypatch):
+    """Checkpointed layers recompute their activations in the backward: same losses and the same
+    merged weights as without (to float rounding), on a model with groups (the leader computes
+    the whole group inside its checkpoint) and with a frozen prefix."""
+    import torch.utils.checkpoint as tuc
+
+    calls = []
+    real = tuc.checkpoint
+    monkeypatch.setattr(tuc, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    runs = {}
+    for ckpt in (False, True):
+        model = converted()
+        res = distill(model, windows(), target=target, checkpointing=ckpt, **{**FAST, "steps": 4})
+        # every trained layer's forward went through a checkpoint in each of the 4 steps
+        trained = 6 - (2 if target == "grouped" else 0)  # the frozen prefix (layers 0-1) is skipped
+        assert len(calls) == (4 * trained if ckpt else 0), len(calls)
+        runs[ckpt] = (res.losses, {n: p.detach().clone() for n, p in model.named_parameters()})
+        assert res.settings["checkpointing"] is ckpt
+        assert all("forward" not in vars(layer) for layer in decoder_layers(model))  # patch removed
+    (loss0, w0), (loss1, w1) = runs[False], runs[True]
+    assert loss1 == pytest.approx(loss0, rel=1e-5)
+    for n in w0:
+        torch.testing.assert_close(w1[n], w0[n], atol=1e-6, rtol=1e-5)
+
+
+def test_checkpointing_is_checked_like_the_other_flags():
+    with pytest.raises(TypeError, match="checkpointing"):
+        distill(converted(), windows(), checkpointing="yes", **FAST)
