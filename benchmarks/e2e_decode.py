@@ -62,6 +62,7 @@ import time
 
 import torch
 
+from cqil_kernels.latency import Clock  # wall clock that waits for the device (multi_gpu_model uses it too)
 from cqil_kernels.launches import LaunchCounter
 from cqil_kernels.report import environment, write_json
 
@@ -76,16 +77,6 @@ ENGINE_PARALLEL = {"engine": 1, "engine-p2": 2, "engine-p4": 4}
 
 # ---------------------------------------------------------------------------------------------- timing helpers
 
-class Clock:
-    """Wall clock that synchronizes the device before every reading."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-
-    def now(self) -> float:
-        if self.cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter()
 
 
 def free_memory(device) -> None:

@@ -18,7 +18,7 @@ import torch
 
 from .plan import CQILPlan
 
-__all__ = ["LatencySettings", "measure_latency", "measure_engine", "decode_key"]
+__all__ = ["LatencySettings", "measure_latency", "measure_engine", "decode_key", "Clock"]
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ def decode_key(batch: int, context: int) -> str:
     return f"B{batch} ctx{context}"
 
 
-class _Clock:
+class Clock:
     """Wall clock that waits for the device before every reading."""
 
     def __init__(self, device: torch.device):
@@ -94,7 +94,7 @@ def _prompt(batch: int, length: int, vocab: int, device, seed: int):
 
 
 @torch.inference_mode()
-def _time_decode(engine, batch: int, context: int, settings: LatencySettings, clock: _Clock) -> dict:
+def _time_decode(engine, batch: int, context: int, settings: LatencySettings, clock: Clock) -> dict:
     """ms per decode step at (batch, context): per repeat the mean over ``decode_steps`` steps."""
     vocab = engine.inner.embed_tokens.num_embeddings
     ids, mask = _prompt(batch, context, vocab, engine.device, settings.seed)
@@ -111,7 +111,7 @@ def _time_decode(engine, batch: int, context: int, settings: LatencySettings, cl
 
 
 @torch.inference_mode()
-def _time_prefill(engine, batch: int, settings: LatencySettings, clock: _Clock) -> dict:
+def _time_prefill(engine, batch: int, settings: LatencySettings, clock: Clock) -> dict:
     vocab = engine.inner.embed_tokens.num_embeddings
     ids, mask = _prompt(batch, settings.prompt_len, vocab, engine.device, settings.seed + 1)
     times = []
@@ -152,7 +152,7 @@ def measure_engine(model, settings: LatencySettings, process_group=None) -> dict
 
     settings.check()
     device = next(model.parameters()).device
-    clock = _Clock(device)
+    clock = Clock(device)
     out = {"decode": {}, "prefill": {}}
     max_b = max(settings.batch_sizes)
     for i, ctx in enumerate(settings.context_lengths):
