@@ -762,6 +762,18 @@ class _StageClock:
 
 
 def _reset_peak_rss() -> None:
+    # First hand the memory the previous stage freed back to the OS (Python's cycles, then glibc's
+    # free heap pages): otherwise it stays resident and every later stage's peak starts above
+    # what is live.
+    import gc
+
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # resets VmHWM to the current resident set

@@ -309,7 +309,7 @@ def _precompute(model, layers, windows, *, use_cache: bool, prefix: int, batch_s
 
 
 #: tokens per chunk of the loss: [chunk, V] logits at a time instead of [batch * T, V]
-LOSS_CHUNK = 256
+LOSS_CHUNK = 128
 
 
 def _chunked_kl_backward(head, student_h: torch.Tensor, teacher_h: torch.Tensor, temperature: float,
