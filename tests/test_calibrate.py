@@ -431,7 +431,11 @@ def test_correction_gains_measure_without_changing_the_model():
 
 
 @pytest.mark.slow
-def test_smollm2_two_pairs_held_out():
+def test_smollm2_two_pairs_held_out(request):
+    # Opt-in like the other real-model tests (pytest -m slow): ~90 s on the CI machine; the real
+    # model's held-out numbers are benchmarks/plan_quality.py's and the main job's.
+    if "slow" not in (request.config.getoption("markexpr") or ""):
+        pytest.skip("loads the real SmolLM2 and calibrates two pairs (~90 s); run with -m slow")
     model, tok = ck.load_model()
     calib = ck.load_windows(tok, split="calib", seq_len=256, max_windows=8)
     held = ck.load_windows(tok, split="eval", seq_len=256, max_windows=2)

@@ -62,6 +62,11 @@ MAIN_KERNELS = ("_qkv_gemm_kernel", "_rope_cache_kernel", "_decode_attn_kernel",
                 "_gate_up_kernel", "_down_sum_kernel")
 
 
+# Llama through every plan shape; Qwen3 (q/k norm inside the RoPE/cache kernel) through the mixed
+# plan only: each interpreted step at GPU tile sizes costs seconds on the CI machine.
+LAUNCH_PLANS = {"llama": ([], [[1, 2]], [[0, 1, 2, 3]], [[0, 1], [2, 3, 4]]), "qwen3": ([], [[0, 1], [2, 3, 4]])}
+
+
 @pytest.mark.interpreter
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_decode_step_launches_per_segment_do_not_grow_with_p(device, monkeypatch, family):
@@ -79,7 +84,7 @@ def test_decode_step_launches_per_segment_do_not_grow_with_p(device, monkeypatch
 
 def _launches_per_segment(family, device):
     fixed = set()
-    for groups in ([], [[1, 2]], [[0, 1, 2, 3]], [[0, 1], [2, 3, 4]]):
+    for groups in LAUNCH_PLANS[family]:
         # hidden 200, MLP 260: K spans two or more of the GPU's 128-wide tiles, so the GEMMs split
         model = make_tiny(family, num_layers=6, hidden_size=200, intermediate_size=260).to(device)
         if groups:
