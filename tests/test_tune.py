@@ -186,7 +186,7 @@ def test_main_job_table_reuses_the_search_and_measures_no_quality(monkeypatch, t
     """The main job's closing table: the plans its search measured, timed; compare_plans is never
     called for it."""
     evaluate = importlib.import_module("cqil_kernels.evaluate")  # the package exports a function of that name
-    from cqil_kernels.cli import main_tuning_table
+    from cqil_kernels.main_job import main_tuning_table
 
     model = make_tiny("llama", num_layers=6)
     result = ck.search(model, _windows(), parallel=2, groups=2, beam=2, contiguous_top=1, progress=False)
