@@ -911,16 +911,11 @@ def cmd_bench(args) -> int:
     for name, r in results.items():
         steps = n if name == "no groups" else plan.num_sequential_steps(n)
         where = "1 device" if name == "no groups" or world == 1 else f"{world} ranks"
-        for key, st in r["decode"].items():
-            speedup = base["decode"][key]["median_ms"] / st["median_ms"] if base is not None and name != "no groups" \
-                else None
-            rows.append([name, steps, where, f"decode {key}", st["median_ms"], f"{st['min_ms']:.3f}-{st['max_ms']:.3f}",
-                         speedup])
-        for key, st in r["prefill"].items():
-            speedup = base["prefill"][key]["median_ms"] / st["median_ms"] if base is not None and name != "no groups" \
-                else None
-            rows.append([name, steps, where, f"prefill {key}", st["median_ms"], f"{st['min_ms']:.3f}-{st['max_ms']:.3f}",
-                         speedup])
+        for phase in ("decode", "prefill"):
+            for key, st in r[phase].items():
+                speedup = None if base is None or name == "no groups" else base[phase][key]["median_ms"] / st["median_ms"]
+                rows.append([name, steps, where, f"{phase} {key}", st["median_ms"],
+                             f"{st['min_ms']:.3f}-{st['max_ms']:.3f}", speedup])
     print(f"latency on {label}" + (f"; rank 0's clock of {world}" if world > 1 else ""))
     if plan is not None:
         print(f"plan: {_groups_str(plan.groups)}, bypass {plan.bypass}")
@@ -1103,8 +1098,7 @@ def _convert_split(model, plan, args, ctx):
         raise CLIError(f"under torchrun ({ctx.world_size} ranks) --plan must have groups of 2 or more layers to "
                        "split over the ranks")
     convert(model, plan, backend=args.backend, process_group=ctx.group)
-    placement, rank, freed = placement_of(model)
-    return placement.to_dict()
+    return placement_of(model)[0].to_dict()
 
 
 def main(argv=None) -> int:
