@@ -161,8 +161,6 @@ def _calibrate_args(parser: argparse.ArgumentParser) -> None:
 def _calibrate_kwargs(args) -> dict:
     if args.ridge is not None and args.ridge <= 0:
         raise CLIError(f"--ridge must be > 0, got {args.ridge}")
-    if args.refit < 0:
-        raise CLIError(f"--refit must be >= 0, got {args.refit}")
     if not 0 <= args.holdout < 1:
         raise CLIError(f"--holdout must be in [0, 1), got {args.holdout}")
     return dict(map=args.map, rank=args.rank, target=args.target, fold=args.fold, bypass=args.bypass_choice,
